@@ -1,0 +1,103 @@
+"""Small helpers shared by every layer: seeds, parameter records, logged writes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._settings import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+RNGLike = int | np.random.Generator | np.random.SeedSequence
+
+
+def resolve_seed(rng: RNGLike | None) -> int:
+    """Turn ``rng`` (an int seed, a Generator or a SeedSequence) into one int seed to record."""
+    if rng is None:
+        return 0
+    if isinstance(rng, bool):
+        raise TypeError(f"rng must be an int seed or a numpy.random.Generator, got {rng!r}.")
+    if isinstance(rng, int | np.integer):
+        if rng < 0:
+            raise ValueError(f"rng must be a non-negative int seed, got {rng}.")
+        return int(rng)
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(0, 2**31 - 1))
+    if isinstance(rng, np.random.SeedSequence):
+        return int(rng.generate_state(1)[0] % (2**31 - 1))
+    raise TypeError(f"rng must be an int seed or a numpy.random.Generator, got {type(rng).__name__}.")
+
+
+def child_seeds(seed: int, n: int) -> list[int]:
+    """``n`` independent child seeds derived from ``seed`` with :class:`numpy.random.SeedSequence`."""
+    return [int(s.generate_state(1)[0] % (2**31 - 1)) for s in np.random.SeedSequence(seed).spawn(n)]
+
+
+def clean_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Make a parameter record h5ad-serialisable: no None, tuples to lists, paths to str."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            out[key] = clean_params(value)
+        elif isinstance(value, Path):
+            out[key] = str(value)
+        elif isinstance(value, tuple | list):
+            vals = [str(v) if isinstance(v, Path) else v for v in value if v is not None]
+            out[key] = np.asarray(vals) if vals else np.asarray([], dtype=float)
+        elif isinstance(value, np.generic):
+            out[key] = value.item()
+        else:
+            out[key] = value
+    return out
+
+
+def write_results(
+    adata: AnnData,
+    *,
+    obs: Mapping[str, Any] | None = None,
+    obsm: Mapping[str, Any] | None = None,
+    layers: Mapping[str, Any] | None = None,
+    uns: Mapping[str, Any] | None = None,
+    params: tuple[str, Mapping[str, Any]] | None = None,
+) -> list[str]:
+    """Write computed results into ``adata`` in one go, logging each key.
+
+    Everything is computed before this is called, so an error earlier leaves ``adata`` untouched.
+    ``params`` is ``(step, record)`` stored under ``adata.uns["histoclip"]["params"][step]``.
+    """
+    from ._constants import Key
+
+    written: list[str] = []
+    for slot, items in (("obs", obs), ("obsm", obsm), ("layers", layers)):
+        for key, value in (items or {}).items():
+            getattr(adata, slot)[key] = value
+            written.append(f"{slot}[{key!r}]")
+    for key, value in (uns or {}).items():
+        adata.uns[key] = value
+        written.append(f"uns[{key!r}]")
+    if params is not None:
+        step, record = params
+        root = adata.uns.setdefault(Key.uns.histoclip, {})
+        root.setdefault("params", {})[step] = clean_params(record)
+        written.append(f"uns[{Key.uns.histoclip!r}]['params'][{step!r}]")
+    for w in written:
+        logger.info("    added %s", w)
+    return written
+
+
+@contextmanager
+def timed(what: str):
+    """Log the start and the end of a step with its elapsed time."""
+    logger.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    logger.info("%s finished (%.1f s)", what, time.perf_counter() - t0)

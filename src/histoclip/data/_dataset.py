@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..io._slide import SpotData
+
+
+class PatchReader:
+    """Reads the patch of each spot from its slide's image and resizes it to ``patch_px`` x ``patch_px``.
+
+    Parameters
+    ----------
+    spots
+        Resolved slides (:func:`histoclip.io.resolve`).
+    boxes
+        ``(n_obs, 4)`` integer boxes ``[x0, y0, x1, y1)`` in each slide's image pixels
+        (``obsm["histoclip_patch_box"]`` from :func:`histoclip.pp.extract_patches`).
+    patch_px
+        Side of the patches handed to the network.
+    """
+
+    def __init__(self, spots: SpotData, boxes: np.ndarray, patch_px: int) -> None:
+        boxes = np.asarray(boxes)
+        if boxes.shape != (spots.n_obs, 4):
+            raise ValueError(f"Patch boxes must have shape ({spots.n_obs}, 4), got {boxes.shape}.")
+        if patch_px < 1:
+            raise ValueError(f"patch_px must be positive, got {patch_px}.")
+        self.boxes = boxes.astype(np.int64)
+        self.patch_px = int(patch_px)
+        self.images = []
+        self.slide_of = np.full(spots.n_obs, -1, dtype=np.int64)
+        for j, s in enumerate(spots.slides):
+            if s.image is None:
+                raise ValueError(f"Library {s.library_id!r} has no image to read patches from.")
+            self.images.append(s.image)
+            self.slide_of[s.index] = j
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def __call__(self, i: int) -> np.ndarray:
+        """RGB uint8 patch ``(patch_px, patch_px, 3)`` of spot ``i``."""
+        x0, y0, x1, y1 = (int(v) for v in self.boxes[i])
+        crop = self.images[self.slide_of[i]].read(x0, y0, x1, y1)
+        if crop.shape[0] != self.patch_px or crop.shape[1] != self.patch_px:
+            crop = np.array(Image.fromarray(crop).resize((self.patch_px, self.patch_px), Image.BILINEAR))
+        return crop
+
+
+class PatchDataset(Dataset):
+    """(image, expression, index) triples for training and embedding.
+
+    Parameters
+    ----------
+    reader
+        A :class:`PatchReader` (patches are read lazily), or ``None`` when ``features`` is given.
+    expression
+        ``(n_obs, n_inputs)`` float32 inputs of the expression encoder, or ``None`` (image-only queries).
+    features
+        ``(n_obs, d)`` precomputed image features used instead of patches.
+    """
+
+    def __init__(
+        self,
+        reader: PatchReader | None,
+        expression: np.ndarray | None = None,
+        features: np.ndarray | None = None,
+    ) -> None:
+        if reader is None and features is None:
+            raise ValueError("PatchDataset needs patches (a PatchReader) or precomputed image features.")
+        n = len(reader) if reader is not None else features.shape[0]
+        if expression is not None and expression.shape[0] != n:
+            raise ValueError(f"expression has {expression.shape[0]} rows, expected {n}.")
+        self.reader = reader
+        self.expression = None if expression is None else np.ascontiguousarray(expression, dtype=np.float32)
+        self.features = None if features is None else np.ascontiguousarray(features, dtype=np.float32)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if self.features is not None:
+            img = torch.from_numpy(self.features[i])
+        else:
+            img = torch.from_numpy(self.reader(i)).permute(2, 0, 1).contiguous()  # uint8 (3, p, p)
+        expr = torch.from_numpy(self.expression[i]) if self.expression is not None else torch.zeros(0)
+        return img, expr, i

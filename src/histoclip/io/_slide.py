@@ -1,0 +1,415 @@
+"""Resolve an AnnData (scanpy/squidpy layout) or a SpatialData object into spots on images.
+
+Everything downstream sees a :class:`SpotData`: the table to read counts from and write results to,
+and one :class:`Slide` per library with spot centres in the pixel frame of the chosen image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._constants import Key
+from .._settings import logger
+from ._image import ImageSource, open_image
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+DEFAULT_SPOT_DIAMETER_UM = Key.SPOT_DIAMETER_UM["visium"]
+
+
+@dataclass
+class Slide:
+    """One library: its image and its spots in that image's pixel frame."""
+
+    library_id: str
+    index: np.ndarray  # integer row positions of this library's spots in the table
+    coords: np.ndarray  # (n, 2) float64 spot centres (x, y) in pixels of ``image``
+    um_per_px: float  # microns per pixel of ``image``
+    img_key: str
+    image: ImageSource | None = None
+
+
+@dataclass
+class SpotData:
+    """A table (AnnData) and its slides."""
+
+    adata: AnnData
+    slides: list[Slide]
+    library_key: str | None = None
+    source: str = "anndata"
+    keys: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_obs(self) -> int:
+        return self.adata.n_obs
+
+    def coords(self) -> np.ndarray:
+        """(n_obs, 2) spot centres in each slide's own image pixels (rows in table order)."""
+        out = np.full((self.adata.n_obs, 2), np.nan)
+        for s in self.slides:
+            out[s.index] = s.coords
+        return out
+
+    def library_labels(self) -> np.ndarray:
+        """The library id of each row of the table."""
+        out = np.empty(self.adata.n_obs, dtype=object)
+        for s in self.slides:
+            out[s.index] = s.library_id
+        return out
+
+
+def _is_spatialdata(data: Any) -> bool:
+    return type(data).__name__ == "SpatialData" and hasattr(data, "tables")
+
+
+def resolve(
+    data: AnnData | SpatialData,
+    *,
+    library_id: str | None = None,
+    library_key: str | None = None,
+    img_key: str | None = None,
+    spot_diameter_um: float | None = None,
+    table_key: str = "table",
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    coordinate_system: str | None = None,
+    need_image: bool = True,
+) -> SpotData:
+    """Validate ``data`` and resolve it into a :class:`SpotData` without changing it."""
+    if _is_spatialdata(data):
+        return _resolve_spatialdata(
+            data,
+            table_key=table_key,
+            image_key=image_key,
+            shapes_key=shapes_key,
+            coordinate_system=coordinate_system,
+            spot_diameter_um=spot_diameter_um,
+            need_image=need_image,
+        )
+    if not isinstance(data, AnnData):
+        raise TypeError(f"Expected an AnnData or a SpatialData object, got {type(data).__name__}.")
+    return _resolve_anndata(
+        data,
+        library_id=library_id,
+        library_key=library_key,
+        img_key=img_key,
+        spot_diameter_um=spot_diameter_um,
+        need_image=need_image,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- AnnData
+def check_spatial(adata: AnnData) -> np.ndarray:
+    """Return ``obsm["spatial"]`` as float64 (n, 2) or raise a clear error."""
+    if adata.n_obs == 0:
+        raise ValueError("The AnnData is empty (0 spots); nothing to do.")
+    if Key.obsm.spatial not in adata.obsm:
+        raise KeyError(
+            f"adata.obsm[{Key.obsm.spatial!r}] with spot coordinates was not found; obsm has "
+            f"{list(adata.obsm.keys())}. Read the slide with scanpy.read_visium / squidpy.read.visium or "
+            "spatialdata_io.visium, or set adata.obsm['spatial'] to (x, y) full-resolution pixel coordinates."
+        )
+    xy = np.asarray(adata.obsm[Key.obsm.spatial], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise ValueError(f"adata.obsm['spatial'] must have shape (n_obs, 2), got {xy.shape}.")
+    xy = xy[:, :2]
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        names = list(adata.obs_names[bad][:5])
+        raise ValueError(
+            f"adata.obsm['spatial'] has {int(bad.sum())} spots with NaN/inf coordinates (first: {names}); "
+            "remove them first, e.g. adata = adata[np.isfinite(adata.obsm['spatial']).all(1)].copy()."
+        )
+    return xy
+
+
+def _library_rows(adata: AnnData, libs: list[str], library_id: str | None, library_key: str | None):
+    """Map each library to the row positions that belong to it."""
+    if library_key is not None:
+        if library_key not in adata.obs:
+            raise KeyError(f"library_key {library_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
+        labels = adata.obs[library_key].astype(str).to_numpy()
+        present = list(pd.unique(labels))
+        if library_id is not None:
+            present = [library_id]
+        missing = [lib for lib in present if lib not in libs]
+        if missing and libs:
+            raise KeyError(
+                f"Libraries {missing} from adata.obs[{library_key!r}] have no entry in adata.uns['spatial']; "
+                f"it has {libs}."
+            )
+        return {lib: np.flatnonzero(labels == lib) for lib in present}
+    if library_id is not None:
+        if libs and library_id not in libs:
+            raise KeyError(f"library_id {library_id!r} is not in adata.uns['spatial']; choose one of {libs}.")
+        return {library_id: np.arange(adata.n_obs)}
+    if len(libs) == 1:
+        return {libs[0]: np.arange(adata.n_obs)}
+    raise ValueError(
+        f"adata.uns['spatial'] holds {len(libs)} libraries {libs}; pass library_id=... for one of them, or "
+        "library_key=... naming the adata.obs column that says which library each spot belongs to."
+    )
+
+
+def _pick_img_key(lib: str, images: dict, img_key: str | None, meta: dict) -> str:
+    available = list(images) + (["fullres"] if "fullres_image" in meta else [])
+    if img_key is None:
+        for cand in ("hires", "lowres"):
+            if cand in images:
+                return cand
+        if available:
+            return available[0]
+        raise KeyError(
+            f"Library {lib!r} has no image in adata.uns['spatial'][{lib!r}]['images'] and no full-resolution file; "
+            "add one, e.g. with histoclip.io.set_fullres_image(adata, path)."
+        )
+    if img_key not in available:
+        raise KeyError(f"Image {img_key!r} not found for library {lib!r}; available: {available}.")
+    return img_key
+
+
+def _fullres_path(meta: dict, lib: str) -> Path:
+    path = Path(str(meta["fullres_image"]))
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"The full-resolution image of library {lib!r} ({str(path)!r}) was not found; point to it with "
+        "histoclip.io.set_fullres_image(adata, path, library_id=...)."
+    )
+
+
+def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str) -> float:
+    if spot_diameter_um is None and "microns_per_pixel" in scalefactors:
+        return float(scalefactors["microns_per_pixel"])
+    if "spot_diameter_fullres" not in scalefactors:
+        raise KeyError(
+            f"adata.uns['spatial'][{lib!r}]['scalefactors'] has no 'spot_diameter_fullres' (keys: "
+            f"{list(scalefactors)}), so microns cannot be converted to pixels; add it."
+        )
+    if spot_diameter_um is None:
+        spot_diameter_um = float(meta.get("spot_diameter_um", DEFAULT_SPOT_DIAMETER_UM))
+    if spot_diameter_um <= 0:
+        raise ValueError(f"spot_diameter_um must be positive, got {spot_diameter_um}.")
+    return float(spot_diameter_um) / float(scalefactors["spot_diameter_fullres"])
+
+
+def _resolve_anndata(
+    adata: AnnData,
+    *,
+    library_id: str | None,
+    library_key: str | None,
+    img_key: str | None,
+    spot_diameter_um: float | None,
+    need_image: bool,
+) -> SpotData:
+    xy = check_spatial(adata)
+    spatial = adata.uns.get(Key.uns.spatial, {})
+    libs = [str(k) for k in spatial] if isinstance(spatial, dict) else []
+    if not libs:
+        if need_image:
+            raise KeyError(
+                "adata.uns['spatial'] with the slide image and scale factors was not found. Read the slide with "
+                "scanpy.read_visium / squidpy.read.visium (or spatialdata_io.visium and pass the SpatialData object), "
+                "or fill adata.uns['spatial'][library_id] = {'images': {...}, 'scalefactors': {...}}."
+            )
+        lib = library_id or "library"
+        return SpotData(adata, [Slide(lib, np.arange(adata.n_obs), xy, float("nan"), "none")], library_key)
+    rows = _library_rows(adata, libs, library_id, library_key)
+    slides = []
+    for lib, idx in rows.items():
+        entry = spatial[lib]
+        images = dict(entry.get("images", {}) or {})
+        meta = dict(entry.get("metadata", {}) or {})
+        scalefactors = dict(entry.get("scalefactors", {}) or {})
+        um_full = _um_per_fullres_px(scalefactors, meta, spot_diameter_um, lib)
+        if not need_image and img_key is None and not images:
+            slides.append(Slide(lib, idx, xy[idx], um_full, "fullres"))
+            continue
+        key = _pick_img_key(lib, images, img_key, meta)
+        if key == "fullres":
+            scalef = 1.0
+        else:
+            sf_name = f"tissue_{key}_scalef"
+            if sf_name not in scalefactors:
+                raise KeyError(
+                    f"adata.uns['spatial'][{lib!r}]['scalefactors'] has no {sf_name!r} (keys: {list(scalefactors)})."
+                )
+            scalef = float(scalefactors[sf_name])
+        image = None
+        if need_image:
+            if key == "fullres":
+                image = open_image(_fullres_path(meta, lib))
+            else:
+                arr = images[key]
+                image = ImageSource(arr, layout="yx" if np.ndim(arr) == 2 else "yxc", name=f"{lib}/{key}")
+        slides.append(Slide(lib, idx, xy[idx] * scalef, um_full / scalef, key, image))
+    return SpotData(adata, slides, library_key)
+
+
+def set_fullres_image(adata: AnnData, path: str | Path, *, library_id: str | None = None) -> None:
+    """Record the path of a full-resolution image file so patches can be cut from it (``img_key="fullres"``).
+
+    The image stays on disk: TIFFs are memory-mapped, other formats are decoded once into a memory-mapped
+    cache (see :func:`histoclip.io.open_image`).
+
+    Parameters
+    ----------
+    adata
+        AnnData in the scanpy/squidpy layout whose ``obsm["spatial"]`` is in the pixel frame of this image.
+    path
+        Path of the image file.
+    library_id
+        Library in ``adata.uns["spatial"]``; may be omitted when there is only one.
+
+    Returns
+    -------
+    Nothing; sets ``adata.uns["spatial"][library_id]["metadata"]["fullres_image"]`` to the absolute path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
+    spatial = adata.uns.get(Key.uns.spatial)
+    if not spatial:
+        raise KeyError("adata.uns['spatial'] was not found; it must hold the library and its scale factors.")
+    libs = list(spatial)
+    if library_id is None:
+        if len(libs) != 1:
+            raise ValueError(f"adata.uns['spatial'] holds several libraries {libs}; pass library_id=....")
+        library_id = libs[0]
+    if library_id not in spatial:
+        raise KeyError(f"library_id {library_id!r} is not in adata.uns['spatial']; choose one of {libs}.")
+    spatial[library_id].setdefault("metadata", {})["fullres_image"] = str(path.resolve())
+
+
+# ------------------------------------------------------------------------------------------------ SpatialData
+def _affine(element: Any, cs: str) -> np.ndarray:
+    from spatialdata.transformations import get_transformation
+
+    return np.asarray(get_transformation(element, to_coordinate_system=cs).to_affine_matrix(("x", "y"), ("x", "y")))
+
+
+def _coordinate_systems(element: Any) -> list[str]:
+    from spatialdata.transformations import get_transformation
+
+    return list(get_transformation(element, get_all=True))
+
+
+def _resolve_spatialdata(
+    sdata: SpatialData,
+    *,
+    table_key: str,
+    image_key: str | None,
+    shapes_key: str | None,
+    coordinate_system: str | None,
+    spot_diameter_um: float | None,
+    need_image: bool,
+) -> SpotData:
+    tables = list(sdata.tables.keys())
+    if table_key not in sdata.tables:
+        raise KeyError(
+            f"SpatialData has no table {table_key!r}; tables: {tables}. Pass table_key=..., or add the counts with "
+            "sdata.tables['table'] = spatialdata.models.TableModel.parse(adata, region=..., region_key=..., "
+            "instance_key=...)."
+        )
+    table = sdata.tables[table_key]
+    if table.n_obs == 0:
+        raise ValueError(f"Table {table_key!r} is empty (0 rows); nothing to do.")
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region, region_key, instance_key = attrs.get("region"), attrs.get("region_key"), attrs.get("instance_key")
+    if region is None or region_key is None or instance_key is None:
+        raise ValueError(
+            f"Table {table_key!r} is not linked to spot shapes (its uns['spatialdata_attrs'] is {dict(attrs)}). Link it "
+            "with spatialdata.models.TableModel.parse(table, region=<shapes key>, region_key='region', "
+            "instance_key='spot_id')."
+        )
+    regions = [region] if isinstance(region, str) else list(region)
+    if shapes_key is None:
+        if len(regions) != 1:
+            raise ValueError(f"Table {table_key!r} annotates several elements {regions}; pass shapes_key=....")
+        shapes_key = regions[0]
+    if shapes_key not in sdata.shapes:
+        raise KeyError(
+            f"Shapes {shapes_key!r} (annotated by table {table_key!r}) not found; shapes: {list(sdata.shapes.keys())}."
+        )
+    shapes = sdata.shapes[shapes_key]
+    rows = np.flatnonzero(table.obs[region_key].astype(str).to_numpy() == shapes_key)
+    if rows.size == 0:
+        raise ValueError(f"No row of table {table_key!r} has {region_key} == {shapes_key!r}.")
+    pos = shapes.index.get_indexer(pd.Index(table.obs[instance_key].to_numpy()[rows]))
+    if (pos < 0).any():
+        missing = table.obs[instance_key].to_numpy()[rows][pos < 0][:5]
+        raise ValueError(
+            f"{int((pos < 0).sum())} rows of table {table_key!r} have {instance_key} values missing from the index "
+            f"of shapes {shapes_key!r} (first: {list(missing)})."
+        )
+    geom = shapes.geometry.iloc[pos]
+    if not (geom.geom_type == "Point").all() or "radius" not in shapes.columns:
+        raise ValueError(f"Shapes {shapes_key!r} must be circles (Point geometry with a 'radius' column).")
+    xy = np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()]).astype(np.float64)
+    radius = shapes["radius"].to_numpy()[pos].astype(np.float64)
+
+    images = list(sdata.images.keys())
+    if image_key is None:
+        hires = [k for k in images if k.endswith("hires_image")]
+        if len(images) == 1:
+            image_key = images[0]
+        elif len(hires) == 1:
+            image_key = hires[0]
+        elif need_image:
+            raise ValueError(f"SpatialData holds several images {images}; pass image_key=....")
+    if image_key is not None and image_key not in sdata.images:
+        raise KeyError(f"Image {image_key!r} not found; images: {images}.")
+    shape_cs = _coordinate_systems(shapes)
+    if image_key is not None:
+        element = sdata.images[image_key]
+        common = [c for c in shape_cs if c in _coordinate_systems(element)]
+    else:
+        element, common = None, shape_cs
+    if coordinate_system is None:
+        if not common:
+            raise ValueError(
+                f"Shapes {shapes_key!r} (coordinate systems {shape_cs}) and image {image_key!r} share no coordinate "
+                "system; add a transformation with spatialdata.transformations.set_transformation."
+            )
+        coordinate_system = shapes_key if shapes_key in common else common[0]
+    elif coordinate_system not in common:
+        raise ValueError(f"coordinate_system {coordinate_system!r} is not shared by the shapes and image; shared: {common}.")
+
+    a_shapes = _affine(shapes, coordinate_system)
+    if element is not None:
+        arr, a_img = _image_level0(element, coordinate_system)
+        m = np.linalg.inv(a_img) @ a_shapes
+    else:
+        arr, m = None, a_shapes
+    pts = (m @ np.column_stack([xy, np.ones(len(xy))]).T).T[:, :2]
+    px_scale = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+    diameter_px = float(np.median(radius)) * 2.0 * px_scale
+    if spot_diameter_um is None:
+        spot_diameter_um = DEFAULT_SPOT_DIAMETER_UM
+    um_per_px = float(spot_diameter_um) / diameter_px
+    image = ImageSource(arr, layout="cyx", name=image_key) if (need_image and arr is not None) else None
+    logger.info("SpatialData: table %r, shapes %r, image %r, coordinate system %r, %.3g um/px",
+                table_key, shapes_key, image_key, coordinate_system, um_per_px)
+    slide = Slide(shapes_key, rows, pts, um_per_px, image_key or "none", image)
+    keys = {"table_key": table_key, "image_key": image_key, "shapes_key": shapes_key,
+            "coordinate_system": coordinate_system}
+    return SpotData(table, [slide], None, "spatialdata", keys)
+
+
+def _image_level0(element: Any, cs: str) -> tuple[Any, np.ndarray]:
+    """The full-resolution level of a (possibly multiscale) image as a lazy array, and its affine to ``cs``."""
+    if hasattr(element, "dims"):  # single-scale DataArray
+        return element.data, _affine(element, cs)
+    # multiscale DataTree: level "scale0" is the full resolution
+    level = element["scale0"]
+    da = next(iter(level.ds.data_vars.values()))
+    return da.data, _affine(element, cs)

@@ -1,0 +1,5 @@
+"""The user-facing model class."""
+
+from ._histoclip import HistoCLIP
+
+__all__ = ["HistoCLIP"]

@@ -1,0 +1,548 @@
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from torch.utils.data import ConcatDataset, DataLoader
+
+from .._version import __version__
+from .._constants import Key
+from .._settings import logger, settings
+from .._utils import RNGLike, resolve_seed
+from ..data import PatchDataset, PatchReader
+from ..io._slide import SpotData, resolve
+from ..module import HistoclipModule
+from ..pp._genes import expression_matrix, select_genes
+from ..pp._graph import knn_graph, row_normalize
+from ..train import fit, pick_device
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+FILE_NAME = "model.safetensors"
+Modality = Literal["joint", "image", "expression"]
+
+
+@dataclass
+class _Section:
+    spots: SpotData
+    reader: PatchReader | None
+    features: np.ndarray | None
+    graph: Any  # row-normalised sparse neighbour averaging (with self loops)
+
+
+def joint_embedding(image: np.ndarray, expression: np.ndarray) -> np.ndarray:
+    """The joint embedding: both L2-normalised embeddings side by side, scaled to unit norm."""
+    return (np.concatenate([image, expression], axis=1) / np.sqrt(2)).astype(np.float32)
+
+
+def _as_list(data) -> list:
+    if isinstance(data, list | tuple):
+        if not data:
+            raise ValueError("An empty list of sections was given.")
+        return list(data)
+    return [data]
+
+
+class HistoCLIP:
+    """A contrastive image-expression model of spatial transcriptomics slides.
+
+    An image tower (a small CNN, a ResNet, or precomputed features) and an expression tower (an MLP on the
+    log-normalised, standardised counts of the selected genes, concatenated with the average of each spot's
+    spatial neighbours) are trained so that the image and the expression of the same spot land close together
+    in one latent space (symmetric InfoNCE, as in BLEEP and MicNet).
+
+    Parameters
+    ----------
+    data
+        The training data: an AnnData (scanpy/squidpy layout), a SpatialData object, or a list of AnnData
+        (several sections, each with its own image and scale). Patches must have been computed with
+        :func:`histoclip.pp.extract_patches` unless ``image_features_key`` is given.
+    genes
+        Genes the model uses; default: the ``n_genes`` most variable genes of the training data.
+    n_genes
+        Number of highly variable genes when ``genes`` is not given.
+    layer
+        Layer holding raw counts (default: ``X``).
+    spatial_context
+        Give the expression tower the average expression of each spot's ``n_neighbors`` nearest spots next to
+        its own (a sparse k-NN graph within each section).
+    n_neighbors
+        Neighbours in that graph.
+    image_backbone
+        ``"cnn"`` (trained from scratch), ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (torchvision-compatible;
+        pass ``weights=`` for pretrained weights), or ``"features"`` (set by ``image_features_key``).
+    weights
+        Path to torchvision ResNet weights (``.pth``/``.safetensors``), loaded without unpickling.
+    freeze_backbone
+        Keep the image backbone fixed and train only the heads.
+    image_features_key
+        Key in ``obsm`` of precomputed image features (e.g. from a pathology foundation model) used instead of
+        patches.
+    patch_px
+        Side in pixels of the patches given to the image tower.
+    hidden_dim, latent_dim, dropout, temperature, loss
+        Network and loss settings (see :class:`histoclip.module.HistoclipModule`).
+    library_key, library_id, table_key, image_key, shapes_key, coordinate_system
+        How to find the spots and images (see :func:`histoclip.pp.extract_patches`).
+    """
+
+    def __init__(
+        self,
+        data: AnnData | SpatialData | Sequence[AnnData],
+        *,
+        genes: Sequence[str] | None = None,
+        n_genes: int = 3000,
+        layer: str | None = None,
+        spatial_context: bool = True,
+        n_neighbors: int = 6,
+        image_backbone: str = "cnn",
+        weights: str | os.PathLike | None = None,
+        freeze_backbone: bool = False,
+        image_features_key: str | None = None,
+        patch_px: int = 32,
+        hidden_dim: int = 512,
+        latent_dim: int = 64,
+        dropout: float = 0.1,
+        temperature: float = 0.1,
+        loss: Literal["clip", "pml"] = "clip",
+        library_key: str | None = None,
+        library_id: str | None = None,
+        table_key: str = "table",
+        image_key: str | None = None,
+        shapes_key: str | None = None,
+        coordinate_system: str | None = None,
+    ) -> None:
+        if n_genes < 1:
+            raise ValueError(f"n_genes must be positive, got {n_genes}.")
+        if patch_px < 8:
+            raise ValueError(f"patch_px must be at least 8, got {patch_px}.")
+        if image_features_key is not None:
+            image_backbone = "features"
+        self.init_params: dict[str, Any] = {
+            "n_genes": n_genes,
+            "layer": layer,
+            "spatial_context": spatial_context,
+            "n_neighbors": n_neighbors,
+            "image_backbone": image_backbone,
+            "weights": str(weights) if weights is not None else None,
+            "freeze_backbone": freeze_backbone,
+            "image_features_key": image_features_key,
+            "patch_px": patch_px,
+            "hidden_dim": hidden_dim,
+            "latent_dim": latent_dim,
+            "dropout": dropout,
+            "temperature": temperature,
+            "loss": loss,
+        }
+        self.setup_params: dict[str, Any] = {
+            "library_key": library_key,
+            "library_id": library_id,
+            "table_key": table_key,
+            "image_key": image_key,
+            "shapes_key": shapes_key,
+            "coordinate_system": coordinate_system,
+        }
+        self._data = _as_list(data)
+        sections = [self._section(d, need_counts=True) for d in self._data]  # validates everything first
+        tables = [s.spots.adata for s in sections]
+        if genes is None:
+            genes = self._pick_genes(tables, n_genes, layer)
+        self.genes = [str(g) for g in genes]
+        if not self.genes:
+            raise ValueError("No genes to train on.")
+        xs = [expression_matrix(t, self.genes, layer=layer) for t in tables]
+        stacked = np.concatenate(xs, axis=0)
+        self.gene_mean = stacked.mean(axis=0).astype(np.float32)
+        self.gene_std = np.maximum(stacked.std(axis=0), 1e-3).astype(np.float32)
+        self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, sections, strict=True)]
+        self._sections = sections
+        feat_dim = sections[0].features.shape[1] if image_features_key is not None else None
+        self.init_params["image_in_features"] = feat_dim
+        self.patch_settings = self._patch_settings(tables[0])
+        self.module = self._build_module(seed=0)
+        self.history = pd.DataFrame(columns=["epoch", "loss", "image_to_expression", "expression_to_image"])
+        self.is_trained = False
+        self.train_params: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+        logger.info("HistoCLIP: %d sections, %d spots, %d genes, image backbone %r", len(sections),
+                    sum(s.spots.n_obs for s in sections), len(self.genes), image_backbone)
+
+    # ---------------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _pick_genes(tables: list[AnnData], n_genes: int, layer: str | None) -> list[str]:
+        common = tables[0].var_names
+        for t in tables[1:]:
+            common = common.intersection(t.var_names, sort=False)
+        if len(common) == 0:
+            raise ValueError("The training sections share no gene names.")
+        if len(tables) == 1:
+            return select_genes(tables[0], n_genes, layer=layer)
+        import anndata as ad
+
+        merged = ad.concat([AnnData(X=(t[:, common].layers[layer] if layer else t[:, common].X)) for t in tables])
+        merged.var_names = common
+        return select_genes(merged, n_genes)
+
+    def _patch_settings(self, adata: AnnData) -> dict[str, Any]:
+        rec = adata.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {})
+        return {"size_um": float(rec["size_um"])} if "size_um" in rec else {}
+
+    def _section(self, data, *, need_counts: bool) -> _Section:
+        sp = self.setup_params
+        uses_features = self.init_params["image_features_key"] is not None
+        spots = resolve(
+            data,
+            library_id=sp["library_id"],
+            library_key=sp["library_key"],
+            table_key=sp["table_key"],
+            image_key=sp["image_key"],
+            shapes_key=sp["shapes_key"],
+            coordinate_system=sp["coordinate_system"],
+            img_key=self._img_key_of(data),
+            need_image=not uses_features,
+        )
+        adata = spots.adata
+        reader, feats = None, None
+        if uses_features:
+            key = self.init_params["image_features_key"]
+            if key not in adata.obsm:
+                raise KeyError(f"Image features adata.obsm[{key!r}] not found; obsm has {list(adata.obsm.keys())}.")
+            feats = np.asarray(adata.obsm[key], dtype=np.float32)
+            if not np.isfinite(feats).all():
+                raise ValueError(f"adata.obsm[{key!r}] has NaN or inf values.")
+        else:
+            if Key.obsm.patch_box not in adata.obsm:
+                raise KeyError(
+                    f"No patch boxes in adata.obsm[{Key.obsm.patch_box!r}]; run histoclip.pp.extract_patches(data, "
+                    "size_um=...) first (or pass image_features_key=... to use precomputed image features)."
+                )
+            reader = PatchReader(spots, np.asarray(adata.obsm[Key.obsm.patch_box]), self.init_params["patch_px"])
+        if need_counts and adata.n_vars == 0:
+            raise ValueError("The AnnData has no genes.")
+        graph = row_normalize(knn_graph(spots.coords(), self.init_params["n_neighbors"], spots.library_labels()))
+        return _Section(spots, reader, feats, graph)
+
+    @staticmethod
+    def _img_key_of(data) -> str | None:
+        if not isinstance(data, AnnData):
+            return None
+        rec = data.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {})
+        keys = rec.get("img_key")
+        if isinstance(keys, dict) and keys:
+            vals = set(keys.values())
+            return vals.pop() if len(vals) == 1 else None
+        return None
+
+    def _expression_inputs(self, x: np.ndarray, section: _Section) -> np.ndarray:
+        z = (x - self.gene_mean) / self.gene_std
+        if self.init_params["spatial_context"]:
+            z = np.concatenate([z, section.graph @ z], axis=1)
+        return z.astype(np.float32)
+
+    def _n_inputs(self) -> int:
+        return len(self.genes) * (2 if self.init_params["spatial_context"] else 1)
+
+    def _build_module(self, seed: int) -> HistoclipModule:
+        p = self.init_params
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return HistoclipModule(
+                self._n_inputs(),
+                image_backbone=p["image_backbone"],
+                weights=p["weights"],
+                freeze_backbone=p["freeze_backbone"],
+                image_in_features=p["image_in_features"],
+                hidden_dim=p["hidden_dim"],
+                latent_dim=p["latent_dim"],
+                dropout=p["dropout"],
+                temperature=p["temperature"],
+                loss=p["loss"],
+            )
+
+    # ---------------------------------------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int = 30,
+        *,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        accelerator: str = "auto",
+        augment: bool = True,
+        precision: Literal["auto", "32", "bf16", "16"] = "auto",
+        num_workers: int | None = None,
+        rng: RNGLike = 0,
+    ) -> HistoCLIP:
+        """Train the model.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training spots.
+        batch_size
+            Spots per batch; every other spot of the batch is a negative for the contrastive loss.
+        lr, weight_decay
+            AdamW settings (cosine learning-rate decay over the epochs).
+        accelerator
+            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``/``"gpu"``, ``"mps"``, or a device string.
+        augment
+            Random flips, 90-degree rotations and mild colour jitter of the patches.
+        precision
+            ``"auto"``: bf16 (or fp16 with loss scaling) autocast on CUDA, fp32 elsewhere; ``"32"`` forces fp32.
+        num_workers
+            DataLoader workers (default ``histoclip.settings.num_workers``).
+        rng
+            Seed (or Generator) for weight initialisation, shuffling, augmentation and dropout. The first call
+            initialises the weights from it; later calls continue from the current weights.
+
+        Returns
+        -------
+        The model itself; ``model.history`` gains one row per epoch.
+        """
+        if max_epochs < 0:
+            raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
+        seed = resolve_seed(rng)
+        device = pick_device(accelerator)
+        if not self.is_trained:
+            self.module = self._build_module(seed)
+        dataset = ConcatDataset([
+            PatchDataset(s.reader, x, s.features) for s, x in zip(self._sections, self._train_inputs, strict=True)
+        ])
+        start = int(self.history["epoch"].max()) if len(self.history) else 0
+        result = fit(
+            self.module,
+            dataset,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            device=device,
+            augment=augment and self.init_params["image_backbone"] != "features",
+            precision=precision,
+            num_workers=settings.num_workers if num_workers is None else num_workers,
+            start_epoch=start,
+        )
+        self.device = device
+        hist = result.history
+        self.history = hist if not len(self.history) else pd.concat([self.history, hist], ignore_index=True)
+        self.is_trained = self.is_trained or result.epochs_completed > 0
+        self.train_params = {
+            "max_epochs": max_epochs, "epochs_completed": int(start + result.epochs_completed),
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "augment": augment,
+            "precision": precision, "seed": seed, "device": str(device), "interrupted": result.interrupted,
+        }
+        return self
+
+    # ---------------------------------------------------------------------------------------------- inference
+    def _check_trained(self) -> None:
+        if not self.is_trained:
+            raise RuntimeError("The model is not trained yet; call model.train() (or histoclip.tl.train) first.")
+
+    def _resolve_query(self, data, modality: str) -> tuple[_Section, np.ndarray | None]:
+        if data is None:
+            if len(self._data) != 1:
+                raise ValueError("The model was trained on several sections; pass the section to embed as data=....")
+            data = self._data[0]
+        needs_expr = modality in ("joint", "expression")
+        needs_image = modality in ("joint", "image")
+        section = self._section(data, need_counts=needs_expr) if needs_image else self._expr_only_section(data)
+        inputs = None
+        if needs_expr:
+            x = expression_matrix(section.spots.adata, self.genes, layer=self.init_params["layer"])
+            inputs = self._expression_inputs(x, section)
+        return section, inputs
+
+    def _expr_only_section(self, data) -> _Section:
+        spots = resolve(data, library_key=self.setup_params["library_key"], library_id=self.setup_params["library_id"],
+                        table_key=self.setup_params["table_key"], shapes_key=self.setup_params["shapes_key"],
+                        need_image=False)
+        graph = row_normalize(knn_graph(spots.coords(), self.init_params["n_neighbors"], spots.library_labels()))
+        return _Section(spots, None, None, graph)
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        data: AnnData | SpatialData | None = None,
+        *,
+        modality: Modality = "joint",
+        batch_size: int = 512,
+    ) -> np.ndarray:
+        """Embed spots.
+
+        Parameters
+        ----------
+        data
+            Data to embed (default: the training data, when it was one section).
+        modality
+            ``"image"`` (image tower only: needs patches, no counts), ``"expression"`` (expression tower only)
+            or ``"joint"`` (both L2-normalised embeddings concatenated and scaled by 1/sqrt(2)).
+        batch_size
+            Spots per forward pass.
+
+        Returns
+        -------
+        float32 array of shape ``(n_obs, latent_dim)`` (``2 * latent_dim`` for ``"joint"``).
+        """
+        if modality not in ("joint", "image", "expression"):
+            raise ValueError(f"modality must be 'joint', 'image' or 'expression', got {modality!r}.")
+        self._check_trained()
+        section, inputs = self._resolve_query(data, modality)
+        return self._embed(section, inputs, modality, batch_size)
+
+    @torch.inference_mode()
+    def _embed(self, section: _Section, inputs: np.ndarray | None, modality: str, batch_size: int) -> np.ndarray:
+        self.module.eval()
+        dev = self.device
+        ds = PatchDataset(section.reader, inputs, section.features) if modality != "expression" else None
+        out_img, out_expr = [], []
+        if modality in ("joint", "image"):
+            for img, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
+                out_img.append(self.module.encode_image(img.to(dev)).cpu().numpy())
+        if modality in ("joint", "expression"):
+            for i in range(0, inputs.shape[0], batch_size):
+                e = torch.from_numpy(inputs[i : i + batch_size]).to(dev)
+                out_expr.append(self.module.encode_expression(e).cpu().numpy())
+        if modality == "image":
+            return np.concatenate(out_img).astype(np.float32)
+        if modality == "expression":
+            return np.concatenate(out_expr).astype(np.float32)
+        return joint_embedding(np.concatenate(out_img), np.concatenate(out_expr))
+
+    # ---------------------------------------------------------------------------------------------- save / load
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "version": __version__,
+            "init_params": self.init_params,
+            "setup_params": self.setup_params,
+            "patch_settings": self.patch_settings,
+            "train_params": self.train_params,
+            "is_trained": self.is_trained,
+            "genes": self.genes,
+            "history": self.history.to_dict(orient="list"),
+        }
+
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the model to ``dir_path/model.safetensors``: weights, genes, normalisation and settings.
+
+        The file is written to a temporary name and renamed, so an interrupted save never leaves a broken file.
+        An existing file is only replaced with ``overwrite=True``. Returns the file's path.
+        """
+        from safetensors.torch import save_file
+
+        dir_path = Path(dir_path)
+        target = dir_path / FILE_NAME
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
+        dir_path.mkdir(parents=True, exist_ok=True)
+        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        tensors["norm.gene_mean"] = torch.from_numpy(self.gene_mean)
+        tensors["norm.gene_std"] = torch.from_numpy(self.gene_std)
+        fd, tmp = tempfile.mkstemp(dir=dir_path, prefix=".model-", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"histoclip": json.dumps(self._metadata())})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        logger.info("Saved the model to %s", target)
+        return target
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        data: AnnData | SpatialData | Sequence[AnnData] | None = None,
+        *,
+        accelerator: str = "auto",
+    ) -> HistoCLIP:
+        """Load a model saved with :meth:`save` (no code is unpickled: safetensors + JSON).
+
+        Parameters
+        ----------
+        dir_path
+            Folder holding ``model.safetensors``.
+        data
+            Data to attach (for embedding and further training): its genes must include the model's, and its
+            patches must have the model's physical size. Optional for image-only use.
+        accelerator
+            Device to map the weights to.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        path = Path(dir_path) / FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"No saved model at {path}; save one with model.save(dir_path).")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["histoclip"])
+            tensors = load_file(str(path))
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable histoclip model file (corrupted or truncated?): {err}") from err
+        self = cls.__new__(cls)
+        self.init_params = meta["init_params"]
+        self.setup_params = meta["setup_params"]
+        self.patch_settings = meta.get("patch_settings", {})
+        self.train_params = meta.get("train_params", {})
+        self.is_trained = bool(meta.get("is_trained", False))
+        self.genes = list(meta["genes"])
+        self.history = pd.DataFrame(meta.get("history", {}))
+        self.gene_mean = tensors.pop("norm.gene_mean").numpy()
+        self.gene_std = tensors.pop("norm.gene_std").numpy()
+        weights = self.init_params.get("weights")
+        self.init_params["weights"] = None  # the saved state already holds them
+        self.module = self._build_module(seed=0)
+        self.init_params["weights"] = weights
+        state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+        try:
+            self.module.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path} does not match the model it describes: {err}") from err
+        self.device = pick_device(accelerator)
+        self.module.to(self.device).eval()
+        self._data, self._sections, self._train_inputs = [], [], []
+        if data is not None:
+            self._attach(data)
+        return self
+
+    def _attach(self, data) -> None:
+        items = _as_list(data)
+        for d in items:
+            table = resolve(d, library_key=self.setup_params["library_key"], library_id=self.setup_params["library_id"],
+                            table_key=self.setup_params["table_key"], shapes_key=self.setup_params["shapes_key"],
+                            need_image=False).adata
+            missing = [g for g in self.genes if g not in table.var_names]
+            if missing:
+                raise KeyError(
+                    f"{len(missing)} of the model's {len(self.genes)} genes are absent from the data "
+                    f"(first: {missing[:5]})."
+                )
+            size = table.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {}).get("size_um")
+            want = self.patch_settings.get("size_um")
+            if want is not None and size is not None and abs(float(size) - float(want)) > 1e-6:
+                raise ValueError(
+                    f"The data's patches are {float(size)} um but the model was trained on {want} um patches; rerun "
+                    f"histoclip.pp.extract_patches(data, size_um={want})."
+                )
+        self._data = items
+        self._sections = [self._section(d, need_counts=True) for d in items]
+        xs = [expression_matrix(s.spots.adata, self.genes, layer=self.init_params["layer"]) for s in self._sections]
+        self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, self._sections, strict=True)]
+
+    def __repr__(self) -> str:
+        state = "trained" if self.is_trained else "untrained"
+        return (f"HistoCLIP({state}, {len(self.genes)} genes, image backbone {self.init_params['image_backbone']!r}, "
+                f"latent_dim={self.init_params['latent_dim']}, epochs={len(self.history)})")

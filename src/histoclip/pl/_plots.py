@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+
+from .._constants import Key
+from ..io._slide import DEFAULT_SPOT_DIAMETER_UM, resolve
+from ._utils import categories_of, draw_slide, finish, get_ax, palette
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from ..model import HistoCLIP
+
+
+def domains(
+    data: AnnData | SpatialData,
+    *,
+    color: str = Key.obs.domain,
+    library_id: str | None = None,
+    library_key: str | None = None,
+    img_key: str | None = None,
+    spot_diameter_um: float | None = None,
+    table_key: str = "table",
+    image_key: str | None = None,
+    alpha: float = 0.85,
+    title: str | None = None,
+    legend: bool = True,
+    ax: Axes | None = None,
+    save: str | Path | None = None,
+) -> Axes:
+    """Draw spots coloured by a categorical ``obs`` column (by default the domains) over the H&E image.
+
+    Spots are drawn as circles of their true physical size, aligned with the image through the scale factors
+    (or, for SpatialData, the coordinate transformations).
+
+    Parameters
+    ----------
+    data
+        AnnData (scanpy/squidpy layout) or SpatialData.
+    color
+        Categorical column of ``obs`` (of the table) to colour by; colours from ``uns[f"{color}_colors"]`` if set.
+    library_id, library_key
+        Which library to draw when the AnnData holds several.
+    img_key
+        Image to draw under the spots (default ``"hires"``, else ``"lowres"``).
+    spot_diameter_um
+        Physical spot diameter (default as in :func:`histoclip.pp.extract_patches`).
+    table_key, image_key
+        SpatialData only.
+    alpha
+        Opacity of the spots.
+    title
+        Axes title (default: the column name).
+    legend
+        Draw a legend of the categories beside the axes.
+    ax
+        Axes to draw into (default: a new figure).
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The :class:`matplotlib.axes.Axes`.
+    """
+    spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
+                    spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
+    adata = spots.adata
+    if color not in adata.obs:
+        raise KeyError(
+            f"adata.obs[{color!r}] not found (columns: {list(adata.obs.columns)}); run histoclip.tl.domains first "
+            "or pass color=."
+        )
+    if len(spots.slides) > 1 and library_id is None:
+        raise ValueError(f"The data hold {len(spots.slides)} libraries; pass library_id= to choose one.")
+    slide = spots.slides[0] if library_id is None else next(s for s in spots.slides if s.library_id == library_id)
+    series = adata.obs[color]
+    cats = categories_of(series)
+    colors = palette(cats, list(adata.uns.get(f"{color}_colors", [])) or None)
+    values = series.astype(str).to_numpy()[slide.index]
+    ax = get_ax(ax)
+    draw_slide(ax, slide, values, spot_diameter_um=spot_diameter_um or DEFAULT_SPOT_DIAMETER_UM, categorical=True,
+               colors=colors, alpha=alpha)
+    if legend:
+        handles = [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colors[c],
+                          markeredgewidth=0, label=c) for c in cats]
+        ax.legend(handles=handles, title=color, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(title if title is not None else f"{color} ({slide.library_id})")
+    finish(ax, save)
+    return ax
+
+
+def embedding(
+    adata: AnnData,
+    *,
+    use_rep: str = Key.obsm.joint,
+    color: str = Key.obs.domain,
+    n_neighbors: int = 15,
+    rng: int = 0,
+    ax: Axes | None = None,
+    save: str | Path | None = None,
+) -> Axes:
+    """UMAP of an embedding, coloured by a categorical ``obs`` column (domains, manual labels...).
+
+    The UMAP is computed on a scratch object; ``adata`` is not modified.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm[use_rep]``.
+    use_rep
+        Embedding to draw.
+    color
+        Categorical ``obs`` column.
+    n_neighbors
+        Neighbours of the UMAP graph.
+    rng
+        Seed of the UMAP layout.
+    ax, save
+        Axes to draw into and path to save to.
+
+    Returns
+    -------
+    The :class:`matplotlib.axes.Axes`.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    if use_rep not in adata.obsm:
+        raise KeyError(f"adata.obsm[{use_rep!r}] not found (obsm has {list(adata.obsm.keys())}); run histoclip.tl.embed.")
+    if color not in adata.obs:
+        raise KeyError(f"adata.obs[{color!r}] not found; columns: {list(adata.obs.columns)}.")
+    tmp = ad.AnnData(np.zeros((adata.n_obs, 1), dtype=np.float32), obs=adata.obs[[color]].copy())
+    tmp.obsm["X"] = np.asarray(adata.obsm[use_rep])
+    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=n_neighbors, random_state=rng)
+    sc.tl.umap(tmp, random_state=rng)
+    xy = tmp.obsm["X_umap"]
+    series = adata.obs[color]
+    cats = categories_of(series)
+    colors = palette(cats, list(adata.uns.get(f"{color}_colors", [])) or None)
+    ax = get_ax(ax)
+    vals = series.astype(str).to_numpy()
+    for c in cats:
+        sel = vals == c
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colors[c], label=c, linewidths=0)
+    ax.legend(title=color, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=2.5)
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{use_rep} coloured by {color}")
+    finish(ax, save)
+    return ax
+
+
+def loss(model: HistoCLIP, *, ax: Axes | None = None, save: str | Path | None = None) -> Axes:
+    """Training curve: the contrastive loss per epoch and its two directions.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~histoclip.model.HistoCLIP`.
+    ax, save
+        Axes to draw into and path to save to.
+
+    Returns
+    -------
+    The :class:`matplotlib.axes.Axes`.
+    """
+    hist = pd.DataFrame(model.history)
+    if hist.empty:
+        raise RuntimeError("The model has no training history; call model.train() first.")
+    ax = get_ax(ax, figsize=(5, 3.5))
+    ax.plot(hist["epoch"], hist["loss"], color="black", lw=2, label="total")
+    ax.plot(hist["epoch"], hist["image_to_expression"], lw=1, ls="--", label="image → expression")
+    ax.plot(hist["epoch"], hist["expression_to_image"], lw=1, ls=":", label="expression → image")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("contrastive loss (InfoNCE)")
+    ax.legend(frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("training")
+    finish(ax, save)
+    return ax
+
+
+__all__ = ["domains", "embedding", "loss"]

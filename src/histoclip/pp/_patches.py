@@ -1,0 +1,157 @@
+"""Square patch boxes around spots, at a physical size."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._constants import Key
+from .._utils import timed, write_results
+from ..io._slide import SpotData, resolve
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def patch_boxes(spots: SpotData, size_um: float) -> tuple[np.ndarray, dict[str, int]]:
+    """Integer boxes ``[x0, y0, x1, y1)`` of side ``size_um`` centred on each spot, per slide's image pixels.
+
+    The side in pixels is ``round(size_um / um_per_px)``; the box starts at ``round(centre - side / 2)``,
+    so its centre is within half a pixel of the spot centre. Boxes may reach outside the image: the
+    outside is padded when the patch is read.
+    """
+    boxes = np.zeros((spots.n_obs, 4), dtype=np.int64)
+    sides: dict[str, int] = {}
+    for s in spots.slides:
+        side_f = size_um / s.um_per_px
+        if not np.isfinite(side_f) or side_f < 1:
+            raise ValueError(
+                f"A {size_um} um patch is {side_f:.3g} pixels in image {s.img_key!r} of library {s.library_id!r} "
+                f"({s.um_per_px:.3g} um per pixel): smaller than one pixel. Use a larger size_um or a higher-resolution "
+                "image (img_key='hires' or 'fullres')."
+            )
+        if s.image is not None and side_f > max(s.image.height, s.image.width):
+            raise ValueError(
+                f"A {size_um} um patch is {side_f:.0f} pixels, larger than image {s.img_key!r} of library "
+                f"{s.library_id!r} ({s.image.height}x{s.image.width} px). Use a smaller size_um."
+            )
+        side = max(1, int(round(side_f)))
+        x0 = np.round(s.coords[:, 0] - side / 2.0).astype(np.int64)
+        y0 = np.round(s.coords[:, 1] - side / 2.0).astype(np.int64)
+        boxes[s.index] = np.column_stack([x0, y0, x0 + side, y0 + side])
+        sides[s.library_id] = side
+    return boxes, sides
+
+
+def extract_patches(
+    data: AnnData | SpatialData,
+    *,
+    size_um: float | None = None,
+    img_key: str | None = None,
+    library_id: str | None = None,
+    library_key: str | None = None,
+    spot_diameter_um: float | None = None,
+    table_key: str = "table",
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    coordinate_system: str | None = None,
+    key_added: str = Key.obsm.patch_box,
+    copy: bool = False,
+) -> AnnData | None:
+    """Compute a square image patch around each spot, at a physical size.
+
+    Only the patch boxes are computed and stored; pixels are read lazily, a batch at a time, when the model
+    trains or embeds (:class:`histoclip.data.PatchDataset`), so a full-resolution slide never has to sit in
+    memory. Spots near the image edge keep their patch: the part outside the image is padded with white.
+    Patches are handed to the model as RGB uint8 whatever the image's dtype; see :mod:`histoclip.io._image`
+    for the conversion (uint16 scaled by 1/257, floats in [0, 1] scaled by 255, grayscale repeated, alpha dropped).
+
+    Parameters
+    ----------
+    data
+        AnnData in the scanpy/squidpy layout (``obsm["spatial"]``, ``uns["spatial"]``) or a SpatialData object
+        (from ``spatialdata_io.visium``); with SpatialData, results go to the table ``table_key``.
+    size_um
+        Side of the square patch in microns. Default: two spot diameters (110 um for Visium).
+    img_key
+        AnnData only: which image in ``uns["spatial"][library_id]["images"]`` to cut from (``"hires"``,
+        ``"lowres"``), or ``"fullres"`` for the file set with :func:`histoclip.io.set_fullres_image`.
+        Default: ``"hires"`` if present, else ``"lowres"``.
+    library_id
+        AnnData only: the library in ``uns["spatial"]``, needed when it holds several and ``library_key`` is not given.
+    library_key
+        AnnData only: column of ``obs`` naming each spot's library, for AnnData objects holding several slides.
+    spot_diameter_um
+        Physical spot diameter, used with ``scalefactors["spot_diameter_fullres"]`` to convert microns to pixels.
+        Default: ``scalefactors["microns_per_pixel"]`` when present (Visium HD), else
+        ``uns["spatial"][library_id]["metadata"]["spot_diameter_um"]``, else 55 (Visium). Use 100 for legacy ST.
+    table_key, image_key, shapes_key, coordinate_system
+        SpatialData only: the table, the image (default: the only one, or the one ending in ``hires_image``),
+        the spot circles (default: the element the table annotates) and the coordinate system used to align them.
+    key_added
+        Key in ``obsm`` for the boxes.
+    copy
+        Return a modified copy instead of writing to ``data`` (AnnData only).
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Sets
+
+    - ``obsm["histoclip_patch_box"]``: ``(n_obs, 4)`` int64, ``[x0, y0, x1, y1)`` in pixels of the image used.
+    - ``uns["histoclip"]["params"]["patches"]``: size in microns and pixels per library, image keys, microns per
+      pixel, and the keys needed to find the image again.
+    """
+    if copy and not hasattr(data, "obsm"):
+        raise ValueError("copy=True is only supported for AnnData input.")
+    spots = resolve(
+        data,
+        library_id=library_id,
+        library_key=library_key,
+        img_key=img_key,
+        spot_diameter_um=spot_diameter_um,
+        table_key=table_key,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        coordinate_system=coordinate_system,
+    )
+    if size_um is None:
+        size_um = 2.0 * _spot_um(spots, spot_diameter_um)
+    if not size_um > 0:
+        raise ValueError(f"size_um must be positive, got {size_um}.")
+    with timed("extract_patches"):
+        boxes, sides = patch_boxes(spots, float(size_um))
+    adata = spots.adata.copy() if copy else spots.adata
+    params = {
+        "size_um": float(size_um),
+        "size_px": {k: int(v) for k, v in sides.items()},
+        "um_per_px": {s.library_id: float(s.um_per_px) for s in spots.slides},
+        "img_key": {s.library_id: s.img_key for s in spots.slides},
+        "library_key": library_key,
+        "library_id": library_id,
+        "spot_diameter_um": spot_diameter_um,
+        "key_added": key_added,
+        "source": spots.source,
+        **{k: v for k, v in spots.keys.items()},
+    }
+    write_results(adata, obsm={key_added: boxes}, params=("patches", params))
+    return adata if copy else None
+
+
+def _spot_um(spots: SpotData, spot_diameter_um: float | None) -> float:
+    from ..io._slide import DEFAULT_SPOT_DIAMETER_UM
+
+    if spot_diameter_um is not None:
+        return float(spot_diameter_um)
+    if spots.source == "anndata":
+        spatial = spots.adata.uns.get(Key.uns.spatial, {})
+        for s in spots.slides:
+            entry = spatial.get(s.library_id, {})
+            meta = entry.get("metadata", {}) or {}
+            sf = entry.get("scalefactors", {}) or {}
+            if "spot_diameter_um" in meta:
+                return float(meta["spot_diameter_um"])
+            if "microns_per_pixel" in sf and "spot_diameter_fullres" in sf:
+                return float(sf["microns_per_pixel"]) * float(sf["spot_diameter_fullres"])
+    return DEFAULT_SPOT_DIAMETER_UM

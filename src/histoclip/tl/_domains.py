@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._constants import Key
+from .._settings import logger
+from .._utils import RNGLike, resolve_seed, timed, write_results
+from ..io._slide import resolve
+from ..pp._graph import knn_graph, row_normalize
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def smooth_features(x: np.ndarray, graph: sp.spmatrix, n_hops: int) -> np.ndarray:
+    """Average each spot's features with its neighbours', ``n_hops`` times (sparse products only)."""
+    a = row_normalize(graph, self_loops=True)
+    for _ in range(n_hops):
+        x = a @ x
+    return np.asarray(x, dtype=np.float32)
+
+
+def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
+    """Majority vote: each spot takes the most common label among itself and its graph neighbours."""
+    codes, uniq = pd.factorize(pd.Series(labels))
+    onehot = sp.csr_matrix((np.ones(codes.size), (np.arange(codes.size), codes)), shape=(codes.size, uniq.size))
+    a = sp.csr_matrix(graph, dtype=np.float64) + sp.identity(codes.size, format="csr")
+    votes = (a @ onehot).toarray()
+    votes[np.arange(codes.size), codes] += 0.5  # ties keep the spot's own label
+    return np.asarray(uniq)[votes.argmax(axis=1)]
+
+
+def _leiden_n(x: np.ndarray, n_domains: int, seed: int) -> tuple[np.ndarray, float]:
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(np.zeros((x.shape[0], 1), dtype=np.float32))
+    tmp.obsm["X"] = x
+    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=15, random_state=seed)
+    lo, hi = 0.01, 3.0
+    best, best_res = None, None
+    for _ in range(30):
+        res = (lo + hi) / 2
+        sc.tl.leiden(tmp, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+        k = tmp.obs["leiden"].nunique()
+        if best is None or abs(k - n_domains) < abs(best.nunique() - n_domains):
+            best, best_res = tmp.obs["leiden"].copy(), res
+        if k == n_domains:
+            break
+        if k < n_domains:
+            lo = res
+        else:
+            hi = res
+    if best.nunique() != n_domains:
+        logger.warning("leiden: no resolution gave exactly %d domains; closest %d at resolution %.3f",
+                       n_domains, best.nunique(), best_res)
+    return best.astype(str).to_numpy(), float(best_res)
+
+
+def cluster(
+    x: np.ndarray,
+    n_domains: int,
+    method: str,
+    seed: int,
+    covariance_type: str = "full",
+    n_init: int = 3,
+) -> tuple[np.ndarray, dict]:
+    """Cluster rows of ``x`` into ``n_domains`` groups; returns string labels and extra parameters."""
+    if method == "gmm":
+        from sklearn.mixture import GaussianMixture
+
+        gm = GaussianMixture(n_domains, covariance_type=covariance_type, n_init=n_init, random_state=seed,
+                             reg_covar=1e-4, max_iter=300)
+        labels = gm.fit_predict(x)
+        return labels.astype(str), {"covariance_type": covariance_type, "n_init": n_init}
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(n_domains, n_init=10, random_state=seed).fit_predict(x)
+        return labels.astype(str), {}
+    if method == "leiden":
+        labels, res = _leiden_n(x, n_domains, seed)
+        return labels, {"resolution": res}
+    raise ValueError(f"method must be 'gmm', 'leiden' or 'kmeans', got {method!r}.")
+
+
+def _relabel(labels: np.ndarray) -> pd.Categorical:
+    """Categories "0", "1", ... ordered by decreasing domain size (like leiden)."""
+    counts = pd.Series(labels).value_counts()
+    mapping = {old: str(i) for i, old in enumerate(counts.index)}
+    new = np.array([mapping[v] for v in labels])
+    return pd.Categorical(new, categories=[str(i) for i in range(len(counts))])
+
+
+def domains(
+    data: AnnData | SpatialData,
+    *,
+    n_domains: int = 7,
+    method: Literal["gmm", "leiden", "kmeans"] = "gmm",
+    use_rep: str = Key.obsm.joint,
+    n_hops: int = 2,
+    n_neighbors: int = 6,
+    n_pcs: int | None = 20,
+    refine: bool = True,
+    covariance_type: Literal["full", "tied", "diag", "spherical"] = "full",
+    library_key: str | None = None,
+    table_key: str = "table",
+    key_added: str = Key.obs.domain,
+    rng: RNGLike = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """Find spatial domains by clustering the (spatially smoothed) embedding.
+
+    Steps: the embedding ``obsm[use_rep]`` is averaged over each spot's ``n_neighbors`` nearest spots ``n_hops``
+    times (a sparse k-NN graph within each library), reduced to ``n_pcs`` principal components, clustered
+    (Gaussian mixture: pure Python, no R; leiden with a resolution search that reaches ``n_domains``; or k-means),
+    then optionally refined by a majority vote over each spot's neighbours.
+
+    Parameters
+    ----------
+    data
+        AnnData or SpatialData (the table) with the embedding from :func:`histoclip.tl.embed`.
+    n_domains
+        Number of domains.
+    method
+        ``"gmm"``, ``"leiden"`` or ``"kmeans"``.
+    use_rep
+        Embedding in ``obsm`` to cluster (e.g. ``"X_histoclip"``, ``"X_histoclip_expression"``, ``"X_pca"``).
+    n_hops
+        Rounds of neighbour averaging before clustering (0: none).
+    n_neighbors
+        Spatial neighbours per spot for the smoothing and the refinement (6: the Visium hexagon).
+    n_pcs
+        Principal components kept after smoothing (``None``: no PCA).
+    refine
+        Majority vote of each spot with its spatial neighbours after clustering.
+    covariance_type
+        Gaussian mixture covariance (``"full"`` is the closest to mclust's models).
+    library_key
+        Column of ``obs`` with each spot's library (graphs never link libraries).
+    table_key
+        SpatialData only: the table.
+    key_added
+        Column of ``obs`` to write.
+    rng
+        Seed of the clustering.
+    copy
+        Return a copy instead of writing to ``data`` (AnnData only).
+
+    Returns
+    -------
+    ``None`` or a copy. Sets
+
+    - ``obs["histoclip_domain"]``: categorical of strings ``"0"``, ``"1"``, ..., ordered by decreasing size.
+    - ``uns["histoclip"]["params"]["domains"]``: every parameter and the seed used.
+    """
+    seed = resolve_seed(rng)
+    spots = resolve(data, library_key=library_key, table_key=table_key, need_image=False)
+    adata = spots.adata
+    if use_rep not in adata.obsm:
+        raise KeyError(
+            f"adata.obsm[{use_rep!r}] not found (obsm has {list(adata.obsm.keys())}); run histoclip.tl.embed(data, "
+            "model) first, or pass use_rep= naming an existing embedding."
+        )
+    if not isinstance(n_domains, int | np.integer) or n_domains < 2:
+        raise ValueError(f"n_domains must be an integer >= 2, got {n_domains!r}.")
+    if n_domains > adata.n_obs:
+        raise ValueError(f"n_domains={n_domains} is more than the {adata.n_obs} spots.")
+    if method not in ("gmm", "leiden", "kmeans"):
+        raise ValueError(f"method must be 'gmm', 'leiden' or 'kmeans', got {method!r}.")
+    x = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"adata.obsm[{use_rep!r}] has NaN or inf values.")
+    with timed("domains"):
+        graph = knn_graph(spots.coords(), n_neighbors, spots.library_labels())
+        if n_hops > 0:
+            x = smooth_features(x, graph, n_hops)
+        if n_pcs is not None and x.shape[1] > n_pcs:
+            from sklearn.decomposition import PCA
+
+            x = PCA(n_pcs, random_state=seed).fit_transform(x).astype(np.float32)
+        labels, extra = cluster(x, int(n_domains), method, seed, covariance_type)
+        if refine:
+            labels = refine_labels(labels, graph)
+        cats = _relabel(labels)
+    target = adata.copy() if copy else adata
+    params = {"n_domains": int(n_domains), "method": method, "use_rep": use_rep, "n_hops": n_hops,
+              "n_neighbors": n_neighbors, "n_pcs": n_pcs, "refine": refine, "library_key": library_key,
+              "seed": seed, "key_added": key_added, **extra}
+    if method != "gmm":
+        params.pop("covariance_type", None)
+    else:
+        params["covariance_type"] = covariance_type
+    write_results(target, obs={key_added: cats}, params=("domains", params))
+    return target if copy else None
+

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .._constants import Key
+from .._utils import RNGLike, resolve_seed, timed, write_results
+from ..model import HistoCLIP
+from ..model._histoclip import joint_embedding
+
+if TYPE_CHECKING:
+    import numpy as np
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def train(
+    data: AnnData | SpatialData | Sequence[AnnData],
+    *,
+    max_epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    accelerator: str = "auto",
+    rng: RNGLike = 0,
+    **model_kwargs: Any,
+) -> HistoCLIP:
+    """Train a contrastive image-expression model on one or several slides.
+
+    Parameters
+    ----------
+    data
+        AnnData or SpatialData with patches from :func:`histoclip.pp.extract_patches`, or a list of AnnData
+        (several sections, each with its own image).
+    max_epochs, batch_size, lr, accelerator
+        See :meth:`histoclip.model.HistoCLIP.train`.
+    rng
+        Seed for everything random in training.
+    **model_kwargs
+        Passed to :class:`histoclip.model.HistoCLIP` (``n_genes``, ``image_backbone``, ``latent_dim``, ...).
+
+    Returns
+    -------
+    The trained :class:`~histoclip.model.HistoCLIP`; ``data`` is not modified. Use :func:`histoclip.tl.embed`
+    to write the embeddings.
+    """
+    seed = resolve_seed(rng)
+    with timed("train"):
+        model = HistoCLIP(data, **model_kwargs)
+        model.train(max_epochs, batch_size=batch_size, lr=lr, accelerator=accelerator, rng=seed)
+    return model
+
+
+def embed(
+    data: AnnData | SpatialData,
+    model: HistoCLIP,
+    *,
+    modality: str = "all",
+    key_added: str = Key.obsm.joint,
+    batch_size: int = 512,
+    copy: bool = False,
+) -> AnnData | None:
+    """Write the model's embeddings of each spot into ``obsm``.
+
+    Parameters
+    ----------
+    data
+        AnnData or SpatialData (results go to its table) with patches from :func:`histoclip.pp.extract_patches`
+        and, for the expression and joint embeddings, the model's genes.
+    model
+        A trained :class:`~histoclip.model.HistoCLIP`.
+    modality
+        ``"all"`` (joint, image and expression) or ``"image"`` (image tower only, for sections without counts).
+    key_added
+        Key of the joint embedding; the others get ``_image`` and ``_expression`` appended.
+    batch_size
+        Spots per forward pass.
+    copy
+        Return a copy instead of writing to ``data`` (AnnData only).
+
+    Returns
+    -------
+    ``None`` or a copy. Sets (float32, ``latent_dim`` columns each, ``2 * latent_dim`` for the joint one):
+
+    - ``obsm["X_histoclip"]``: joint embedding (image and expression embeddings concatenated, unit norm).
+    - ``obsm["X_histoclip_image"]``: image embedding (L2-normalised).
+    - ``obsm["X_histoclip_expression"]``: expression embedding (L2-normalised).
+    - ``uns["histoclip"]["params"]["embed"]``: the model's settings and training parameters.
+    """
+    if modality not in ("all", "image"):
+        raise ValueError(f"modality must be 'all' or 'image', got {modality!r}.")
+    if not isinstance(model, HistoCLIP):
+        raise TypeError(f"model must be a histoclip HistoCLIP (from histoclip.tl.train), got {type(model).__name__}.")
+    model._check_trained()
+    with timed("embed"):
+        if modality == "image":
+            section, _ = model._resolve_query(data, "image")
+            out: dict[str, np.ndarray] = {f"{key_added}_image": model._embed(section, None, "image", batch_size)}
+        else:
+            section, inputs = model._resolve_query(data, "joint")
+            img = model._embed(section, None, "image", batch_size)
+            expr = model._embed(section, inputs, "expression", batch_size)
+            out = {key_added: joint_embedding(img, expr), f"{key_added}_image": img, f"{key_added}_expression": expr}
+    adata = section.spots.adata
+    if copy:
+        if section.spots.source != "anndata":
+            raise ValueError("copy=True is only supported for AnnData input.")
+        adata = adata.copy()
+    params = {"modality": modality, "key_added": key_added, **model.init_params, **model.train_params,
+              "patch_size_um": model.patch_settings.get("size_um")}
+    write_results(adata, obsm=out, params=("embed", params))
+    return adata if copy else None

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .._settings import logger, settings
+
+
+def pick_device(accelerator: str = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, else MPS, else CPU; otherwise the named torch device."""
+    if accelerator == "auto":
+        accelerator = settings.device
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if accelerator == "gpu":
+        accelerator = "cuda"
+    dev = torch.device(accelerator)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"accelerator={accelerator!r} was asked for, but CUDA is not available; use 'cpu' or 'auto'.")
+    return dev
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, colour: float = 0.1) -> torch.Tensor:
+    """Random flips, 90-degree rotations and mild brightness/contrast jitter of a uint8 (B, 3, H, W) batch.
+
+    Draws only from ``gen``; returns float32 in [0, 255].
+    """
+    b = x.shape[0]
+    x = x.float()
+    k = torch.randint(0, 4, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    out = torch.empty_like(x)
+    for r in range(4):
+        sel = (k == r).nonzero().flatten()
+        if sel.numel():
+            out[sel] = torch.rot90(x[sel], r, dims=(2, 3))
+    out[flip] = out[flip].flip(-1)
+    if colour > 0:
+        bright = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * colour
+        contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * colour
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean) * contrast + mean) * bright
+    return out.clamp_(0, 255)
+
+
+@dataclass
+class TrainingResult:
+    """What a training run leaves: its history and how it ended."""
+
+    history: pd.DataFrame
+    epochs_completed: int
+    interrupted: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("auto", "bf16", "16"):
+        dtype = torch.bfloat16 if (precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())) \
+            else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype == torch.float16
+    return torch.autocast(device.type, enabled=False), False
+
+
+def fit(
+    module: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    max_epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: torch.device,
+    augment: bool = True,
+    precision: str = "auto",
+    num_workers: int = 0,
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
+    on_epoch_end=None,
+) -> TrainingResult:
+    """Train ``module`` (its ``forward(image, expression)`` returns a LossOutput) on ``dataset``.
+
+    Seeded: shuffling, augmentation and dropout draw only from generators derived from ``seed``; the global
+    torch random state is restored afterwards. Interrupting (Ctrl-C) keeps the weights of the last completed
+    epoch; any other exception in a batch also restores them before it propagates. A non-finite loss stops
+    training with :class:`FloatingPointError` naming the epoch and step.
+    """
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"Training needs at least 2 spots, got {n}.")
+    batch_size = int(min(batch_size, n))
+    loader_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=n >= 2 * batch_size,
+        generator=loader_gen,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        worker_init_fn=None,
+    )
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    total = start_epoch + max_epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), last_epoch=-1)
+    for _ in range(start_epoch):
+        sched.step()
+    autocast, use_scaler = _autocast(device, precision)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    module.to(device)
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    rows: list[dict] = []
+    best_state = copy.deepcopy(module.state_dict())
+    completed = 0
+    interrupted = False
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start_epoch, total), desc="histoclip training", unit="epoch", disable=not settings.progress,
+               leave=True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + 2)
+        try:
+            for epoch in bar:
+                module.train()
+                t0 = time.perf_counter()
+                sums = np.zeros(3)
+                count = 0
+                for step, (img, expr, _) in enumerate(loader):
+                    if augment and img.dtype == torch.uint8:
+                        img = augment_batch(img, aug_gen)
+                    img = img.to(device, non_blocking=True)
+                    expr = expr.to(device, non_blocking=True)
+                    if device.type == "cuda" and img.ndim == 4:
+                        img = img.contiguous(memory_format=torch.channels_last)
+                    with autocast:
+                        out = module(img, expr)
+                    if not torch.isfinite(out.loss):
+                        raise FloatingPointError(
+                            f"The loss became {out.loss.item()} at epoch {epoch + 1}, step {step + 1}. Lower lr "
+                            f"(now {lr}), raise the temperature, or check the inputs for NaN/inf values."
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(out.loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        out.loss.backward()
+                        opt.step()
+                    bs = img.shape[0]
+                    sums += bs * np.array([out.loss.item(), out.image_to_expression.item(),
+                                           out.expression_to_image.item()])
+                    count += bs
+                sched.step()
+                mean = sums / max(count, 1)
+                rows.append({"epoch": epoch + 1, "loss": mean[0], "image_to_expression": mean[1],
+                             "expression_to_image": mean[2], "lr": opt.param_groups[0]["lr"],
+                             "seconds": time.perf_counter() - t0})
+                bar.set_postfix(loss=f"{mean[0]:.3f}")
+                best_state = copy.deepcopy(module.state_dict())
+                completed += 1
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, opt)
+        except KeyboardInterrupt:
+            interrupted = True
+            module.load_state_dict(best_state)
+            logger.warning("Training interrupted; keeping the weights of the last completed epoch (%d).",
+                           start_epoch + completed)
+        except BaseException:
+            module.load_state_dict(best_state)
+            raise
+        finally:
+            bar.close()
+    module.eval()
+    history = pd.DataFrame(rows, columns=["epoch", "loss", "image_to_expression", "expression_to_image", "lr",
+                                          "seconds"])
+    return TrainingResult(history, completed, interrupted, {"optimizer_state": opt.state_dict()})
