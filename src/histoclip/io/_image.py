@@ -203,8 +203,8 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         finally:
             Image.MAX_IMAGE_PIXELS = old
         fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npy.tmp")
-        os.close(fd)
-        np.save(tmp, arr)
+        with os.fdopen(fd, "wb") as fh:  # a file object: np.save would append ".npy" to a path
+            np.save(fh, arr)
         del arr
         os.replace(tmp, cache)
     arr = np.load(cache, mmap_mode="r")

@@ -22,6 +22,8 @@ def counts_matrix(adata: AnnData, layer: str | None = None) -> sp.csr_matrix:
     if x is None:
         raise ValueError("adata.X is None: histoclip needs raw counts in adata.X or in a layer (layer=...).")
     x = sp.csr_matrix(x, dtype=np.float32)
+    if x.nnz and not np.isfinite(x.data).all():
+        raise ValueError("The counts contain NaN or inf values; histoclip expects raw, finite counts.")
     if x.nnz and x.data.min() < 0:
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"
         raise ValueError(

@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import histoclip as hc
+from histoclip.model import HistoCLIP
+
+
+def _train(adata, seed, epochs=2):
+    return hc.tl.train(adata, max_epochs=epochs, n_genes=40, rng=seed, batch_size=64, accelerator="cpu")
+
+
+def test_same_seed_same_embedding_other_seed_differs(toy_patched):
+    e0 = _train(toy_patched, 0).get_latent_representation()
+    e0b = _train(toy_patched, 0).get_latent_representation()
+    e1 = _train(toy_patched, 1).get_latent_representation()
+    np.testing.assert_array_equal(e0, e0b)
+    assert np.abs(e0 - e1).max() > 1e-3
+
+
+def test_training_does_not_touch_global_rng(toy_patched):
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _train(toy_patched, 0, epochs=1)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_history_and_shapes(trained):
+    model, adata = trained
+    assert list(model.history["epoch"]) == [1, 2]
+    assert np.isfinite(model.history["loss"]).all()
+    z = model.get_latent_representation(adata, modality="joint")
+    assert z.shape == (adata.n_obs, 128) and z.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    assert model.get_latent_representation(adata, modality="image").shape == (adata.n_obs, 64)
+
+
+def test_save_load_roundtrip_identical(trained, tmp_path):
+    model, adata = trained
+    path = model.save(tmp_path / "m")
+    loaded = HistoCLIP.load(tmp_path / "m", adata, accelerator="cpu")
+    for mod in ("joint", "image", "expression"):
+        np.testing.assert_array_equal(loaded.get_latent_representation(adata, modality=mod),
+                                      model.get_latent_representation(adata, modality=mod))
+    assert loaded.genes == model.genes
+    pd.testing.assert_frame_equal(loaded.history.reset_index(drop=True), model.history.reset_index(drop=True),
+                                  check_dtype=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True)
+    assert path.is_file() and not list((tmp_path / "m").glob("*.tmp"))
+
+
+def test_load_rejects_corrupted_and_missing(trained, tmp_path):
+    model, _ = trained
+    path = model.save(tmp_path / "m")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        HistoCLIP.load(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="No saved model"):
+        HistoCLIP.load(tmp_path / "elsewhere")
+
+
+def test_saved_file_is_safetensors_with_json_metadata(trained, tmp_path):
+    from safetensors import safe_open
+
+    model, _ = trained
+    path = model.save(tmp_path / "m")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["histoclip"])
+    assert meta["genes"] == model.genes and meta["version"] == hc.__version__
+
+
+def test_load_checks_genes(trained, tmp_path):
+    model, adata = trained
+    model.save(tmp_path / "m")
+    other = adata[:, [g for g in adata.var_names if g != model.genes[0]]].copy()
+    with pytest.raises(KeyError, match="absent from the data"):
+        HistoCLIP.load(tmp_path / "m", other)
+
+
+def test_untrained_model_refuses_to_embed(toy_patched):
+    m = HistoCLIP(toy_patched, n_genes=20)
+    with pytest.raises(RuntimeError, match="train"):
+        m.get_latent_representation()
+
+
+def test_needs_patches_first(toy):
+    with pytest.raises(KeyError, match="extract_patches"):
+        HistoCLIP(toy)
+
+
+def test_precomputed_image_features(toy):
+    toy.obsm["feat"] = np.random.default_rng(0).normal(size=(toy.n_obs, 16)).astype(np.float32)
+    m = hc.tl.train(toy, max_epochs=1, n_genes=20, image_features_key="feat", accelerator="cpu")
+    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 64)
+
+
+def test_several_sections(toy_patched):
+    other = hc.datasets.toy(rng=1)
+    hc.pp.extract_patches(other, size_um=110)
+    m = hc.tl.train([toy_patched, other], max_epochs=1, n_genes=20, accelerator="cpu")
+    assert m.get_latent_representation(other).shape[0] == other.n_obs
+    with pytest.raises(ValueError, match="several sections"):
+        m.get_latent_representation()
+
+
+def test_nan_loss_is_reported(toy_patched):
+    m = HistoCLIP(toy_patched, n_genes=20)
+    with pytest.raises(FloatingPointError, match=r"became nan at epoch \d+, step \d+. Lower lr"):
+        m.train(5, lr=1e30, batch_size=32, accelerator="cpu")
