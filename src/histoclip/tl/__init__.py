@@ -1,6 +1,7 @@
 """Tools: one-call wrappers that train, embed and annotate."""
 
+from ._domain_genes import domain_genes
 from ._domains import domains
 from ._train import embed, train
 
-__all__ = ["domains", "embed", "train"]
+__all__ = ["domain_genes", "domains", "embed", "train"]
