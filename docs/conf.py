@@ -1,0 +1,43 @@
+"""Sphinx configuration for histoclip."""
+
+import os
+from importlib.metadata import version as _version
+
+project = "histoclip"
+author = "histoclip developers"
+copyright = "2026, histoclip developers"
+release = _version("histoclip")
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+autosummary_generate = True
+autodoc_typehints = "description"
+autodoc_member_order = "bysource"
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = False
+myst_enable_extensions = ["colon_fence", "dollarmath"]
+nb_execution_mode = "off"  # tutorials are committed with their outputs and executed by the test suite
+source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+html_theme = "sphinx_book_theme"
+html_title = "histoclip"
+suppress_warnings = ["mystnb.unknown_mime_type", "myst.header"]
+
+# intersphinx needs the network; turn it on with HISTOCLIP_DOCS_INTERSPHINX=1 where there is one.
+if os.environ.get("HISTOCLIP_DOCS_INTERSPHINX"):
+    extensions.append("sphinx.ext.intersphinx")
+    intersphinx_mapping = {
+        "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+        "numpy": ("https://numpy.org/doc/stable/", None),
+        "python": ("https://docs.python.org/3", None),
+        "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+        "torch": ("https://pytorch.org/docs/stable/", None),
+    }
+nitpicky = False
+templates_path = ["_templates"]
