@@ -1,7 +1,8 @@
-"""Preprocessing: patch boxes, gene selection, spatial graphs."""
+"""Preprocessing: patch boxes, gene selection, spatial graphs, tile grids."""
 
 from ._genes import select_genes
 from ._graph import spatial_neighbors
 from ._patches import extract_patches
+from ._tiles import tile_grid
 
-__all__ = ["extract_patches", "select_genes", "spatial_neighbors"]
+__all__ = ["extract_patches", "select_genes", "spatial_neighbors", "tile_grid"]
