@@ -23,7 +23,8 @@ from ..io._slide import SpotData, resolve
 from ..module import HistoclipModule
 from ..pp._genes import expression_matrix, select_genes
 from ..pp._graph import knn_graph, row_normalize
-from ..train import fit, pick_device
+from ..train import pick_device
+from ..train._distributed import fit_with_strategy
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -281,6 +282,8 @@ class HistoCLIP:
         augment: bool = True,
         precision: Literal["auto", "32", "bf16", "16"] = "auto",
         num_workers: int | None = None,
+        devices: int | Literal["auto"] = 1,
+        strategy: Literal["auto", "ddp"] = "auto",
         rng: RNGLike = 0,
     ) -> HistoCLIP:
         """Train the model.
@@ -301,6 +304,13 @@ class HistoCLIP:
             ``"auto"``: bf16 (or fp16 with loss scaling) autocast on CUDA, fp32 elsewhere; ``"32"`` forces fp32.
         num_workers
             DataLoader workers (default ``histoclip.settings.num_workers``).
+        devices
+            Data-parallel processes: ``n`` starts ``n`` worker processes on this machine (one per GPU on CUDA, the
+            cores shared on CPU); ``"auto"``: every visible GPU, else 1. Under ``torchrun`` the launcher decides
+            and this is ignored.
+        strategy
+            ``"auto"``: one process unless ``devices > 1`` or running under ``torchrun``; ``"ddp"``: distributed
+            data parallel (NCCL on CUDA, gloo on CPU), with every process's embeddings as negatives in the loss.
         rng
             Seed (or Generator) for weight initialisation, shuffling, augmentation and dropout. The first call
             initialises the weights from it; later calls continue from the current weights.
@@ -319,9 +329,11 @@ class HistoCLIP:
             PatchDataset(s.reader, x, s.features) for s, x in zip(self._sections, self._train_inputs, strict=True)
         ])
         start = int(self.history["epoch"].max()) if len(self.history) else 0
-        result = fit(
+        result = fit_with_strategy(
             self.module,
             dataset,
+            devices=devices,
+            strategy=strategy,
             max_epochs=max_epochs,
             batch_size=batch_size,
             lr=lr,
@@ -341,6 +353,7 @@ class HistoCLIP:
             "max_epochs": max_epochs, "epochs_completed": int(start + result.epochs_completed),
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "augment": augment,
             "precision": precision, "seed": seed, "device": str(device), "interrupted": result.interrupted,
+            "devices": devices, "strategy": strategy,
         }
         return self
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .._settings import logger, settings
+from ._distributed import rank_and_world
 
 
 def pick_device(accelerator: str = "auto") -> torch.device:
@@ -99,13 +100,18 @@ def fit(
     if n < 2:
         raise ValueError(f"Training needs at least 2 spots, got {n}.")
     batch_size = int(min(batch_size, n))
+    rank, world = rank_and_world()  # (0, 1) unless under torch.distributed (see train/_distributed.py)
     loader_gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed + 1)
+    aug_gen = torch.Generator().manual_seed(seed + 1 + 7919 * rank)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed) if world > 1 \
+        else None
+    n_local = n if sampler is None else len(sampler)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
-        drop_last=n >= 2 * batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=n_local >= 2 * batch_size,
         generator=loader_gen,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -125,19 +131,25 @@ def fit(
     module.to(device)
     if device.type == "cuda":
         module.to(memory_format=torch.channels_last)
+    net = module
+    if world > 1:  # gradients averaged across ranks; the loss already sees every rank's embeddings
+        net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     rows: list[dict] = []
     best_state = copy.deepcopy(module.state_dict())
     completed = 0
     interrupted = False
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start_epoch, total), desc="histoclip training", unit="epoch", disable=not settings.progress,
-               leave=True)
+    bar = tqdm(range(start_epoch, total), desc="histoclip training", unit="epoch",
+               disable=not settings.progress or rank != 0, leave=True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + 2)
+        torch.manual_seed(seed + 2 + 7919 * rank)
         try:
             for epoch in bar:
                 module.train()
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
                 t0 = time.perf_counter()
                 sums = np.zeros(3)
                 count = 0
@@ -149,7 +161,7 @@ def fit(
                     if device.type == "cuda" and img.ndim == 4:
                         img = img.contiguous(memory_format=torch.channels_last)
                     with autocast:
-                        out = module(img, expr)
+                        out = net(img, expr)
                     if not torch.isfinite(out.loss):
                         raise FloatingPointError(
                             f"The loss became {out.loss.item()} at epoch {epoch + 1}, step {step + 1}. Lower lr "
@@ -168,14 +180,21 @@ def fit(
                                            out.expression_to_image.item()])
                     count += bs
                 sched.step()
+                if world > 1:  # the history holds all-rank means
+                    tot = torch.tensor([*sums, count], dtype=torch.float64, device=device)
+                    torch.distributed.all_reduce(tot)
+                    sums, count = tot[:3].cpu().numpy(), int(tot[3].item())
                 mean = sums / max(count, 1)
                 rows.append({"epoch": epoch + 1, "loss": mean[0], "image_to_expression": mean[1],
                              "expression_to_image": mean[2], "lr": opt.param_groups[0]["lr"],
                              "seconds": time.perf_counter() - t0})
                 bar.set_postfix(loss=f"{mean[0]:.3f}")
+                if world > 1:  # BatchNorm running stats drift per rank after the last forward: take rank 0's
+                    for t in module.state_dict().values():
+                        torch.distributed.broadcast(t, src=0)
                 best_state = copy.deepcopy(module.state_dict())
                 completed += 1
-                if on_epoch_end is not None:
+                if on_epoch_end is not None and rank == 0:
                     on_epoch_end(epoch + 1, opt)
         except KeyboardInterrupt:
             interrupted = True
