@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..io._slide import resolve
+from ..pp._genes import expression_matrix
+from ._utils import draw_slide, finish, get_ax
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def _predicted_values(predicted: AnnData, genes: Sequence[str], layer: str | None) -> np.ndarray:
+    missing = [g for g in genes if g not in predicted.var_names]
+    if missing:
+        raise KeyError(f"Genes {missing} are not among the predicted genes (e.g. {list(predicted.var_names[:5])}).")
+    idx = predicted.var_names.get_indexer(list(genes))
+    x = predicted.layers[layer] if layer is not None else predicted.X
+    x = x[:, idx]
+    return np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=np.float64)
+
+
+def predicted_expression(
+    measured: AnnData,
+    predicted: AnnData,
+    genes: Sequence[str],
+    *,
+    layer: str | None = None,
+    library_id: str | None = None,
+    spot_diameter_um: float | None = None,
+    cmap: str = "viridis",
+    save: str | Path | None = None,
+) -> Figure:
+    """Measured and predicted expression side by side over the H&E image, one row per gene.
+
+    Both maps of a gene share one colour scale (the 1st-99th percentile of the measured and predicted values
+    together), so a difference in colour is a difference in value. Measured expression is log-normalised
+    (``log1p`` of counts per 10,000), the scale the predictions are on.
+
+    Parameters
+    ----------
+    measured
+        The section with counts (spots, image, scale factors).
+    predicted
+        The output of :func:`histoclip.tl.predict_expression` for the same spots (same ``obs_names``).
+    genes
+        Genes to show.
+    layer
+        Layer of ``predicted`` holding the predictions (default ``X``; use ``"histoclip_predicted"`` when the
+        predictions were written into the query's layers).
+    library_id, spot_diameter_um
+        As in :func:`histoclip.pl.domains`.
+    cmap
+        Colour map.
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The :class:`matplotlib.figure.Figure`; each row carries the gene's Pearson r in its title.
+    """
+    genes = list(genes)
+    if not genes:
+        raise ValueError("Pass at least one gene.")
+    if not measured.obs_names.equals(predicted.obs_names):
+        common = measured.obs_names.intersection(predicted.obs_names)
+        if len(common) == 0:
+            raise ValueError("measured and predicted share no obs_names; predict for the measured section's spots.")
+        measured, predicted = measured[common], predicted[common]
+    meas = expression_matrix(measured, genes)
+    pred = _predicted_values(predicted, genes, layer)
+    spots = resolve(measured, library_id=library_id, spot_diameter_um=spot_diameter_um)
+    slide = spots.slides[0]
+    from ..io._slide import DEFAULT_SPOT_DIAMETER_UM
+    from ..metrics import gene_pearson
+
+    r = gene_pearson(meas, pred, genes)
+    fig, axes = plt.subplots(len(genes), 2, figsize=(7.2, 3.4 * len(genes)), squeeze=False)
+    for j, g in enumerate(genes):
+        both = np.concatenate([meas[:, j], pred[:, j]])
+        vmin, vmax = np.percentile(both, [1, 99])
+        vmax = vmax if vmax > vmin else vmin + 1e-6
+        for k, (vals, label) in enumerate(((meas[:, j], "measured"), (pred[:, j], "predicted"))):
+            ax = axes[j, k]
+            m = draw_slide(ax, slide, vals[slide.index], spot_diameter_um=spot_diameter_um or DEFAULT_SPOT_DIAMETER_UM,
+                           categorical=False, cmap=cmap, vmin=vmin, vmax=vmax, alpha=1.0)
+            ax.set_title(f"{g}: {label}" + (f" (r = {r[g]:.2f})" if k == 1 else ""), fontsize=10)
+        fig.colorbar(m, ax=axes[j, :].tolist(), shrink=0.8, label="log1p(CP10k)")
+    finish(axes[0, 0], save)
+    return fig
+
+
+def gene_correlation(
+    r: pd.Series | dict,
+    *,
+    threshold: float = 0.3,
+    ax: Axes | None = None,
+    save: str | Path | None = None,
+) -> Axes:
+    """Distribution of per-gene Pearson r (from :func:`histoclip.metrics.gene_pearson`), with its mean and median.
+
+    ``r`` may also be a dict of such Series (one per method or section): they are drawn as overlapping histograms.
+
+    Returns
+    -------
+    The :class:`matplotlib.axes.Axes`.
+    """
+    series = {"r": pd.Series(r)} if isinstance(r, pd.Series) else {k: pd.Series(v) for k, v in dict(r).items()}
+    if not series or all(s.empty for s in series.values()):
+        raise ValueError("No correlations to plot.")
+    ax = get_ax(ax, figsize=(5, 3.5))
+    bins = np.linspace(-1, 1, 41)
+    for name, s in series.items():
+        ax.hist(s.to_numpy(), bins=bins, alpha=0.55, label=f"{name}: mean {s.mean():.3f}, median {s.median():.3f}, "
+                f"{int((s > threshold).sum())}/{len(s)} > {threshold}")
+    ax.axvline(threshold, color="0.3", ls="--", lw=1)
+    ax.set_xlabel("Pearson r per gene (held-out spots)")
+    ax.set_ylabel("genes")
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
+    finish(ax, save)
+    return ax

