@@ -1,0 +1,97 @@
+"""Expression prediction from the image alone: retrieval (BLEEP) and regression heads on a trained HistoCLIP."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._settings import logger
+from ..pp._genes import expression_matrix
+from ..pp._graph import knn_graph, row_normalize
+
+if TYPE_CHECKING:
+    from ._histoclip import HistoCLIP, _Section
+
+
+def _context(z: np.ndarray, section: _Section, weight: float) -> np.ndarray:
+    """Mix each spot's embedding with the mean of its spatial neighbours' (weight of the neighbours)."""
+    if weight <= 0:
+        return z
+    a = row_normalize(knn_graph(section.spots.coords(), 6, section.spots.library_labels()), self_loops=False)
+    out = (1 - weight) * z + weight * (a @ z)
+    return out.astype(np.float32)
+
+
+def _unit(z: np.ndarray) -> np.ndarray:
+    return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def reference_bank(model: HistoCLIP, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Expression embeddings, image embeddings and log-normalised expression of the training spots."""
+    if not model._sections:
+        raise RuntimeError(
+            "The model holds no training data to build its reference from; load it with "
+            "HistoCLIP.load(dir, training_data) or train it in this session."
+        )
+    emb, img, expr = [], [], []
+    for section, inputs in zip(model._sections, model._train_inputs, strict=True):
+        emb.append(model._embed(section, inputs, "expression", batch_size))
+        img.append(model._embed(section, None, "image", batch_size))
+        expr.append(expression_matrix(section.spots.adata, model.genes, layer=model.init_params["layer"]))
+    bank = {"expression_embedding": np.concatenate(emb), "image_embedding": np.concatenate(img),
+            "expression": np.concatenate(expr).astype(np.float32)}
+    logger.info("Reference bank: %d training spots", bank["expression"].shape[0])
+    return bank
+
+
+def retrieve(query_img: np.ndarray, bank: dict[str, np.ndarray], k: int, temperature: float,
+             chunk: int = 2048) -> np.ndarray:
+    """BLEEP retrieval: softmax(similarity / T)-weighted mean expression of the k most similar reference spots.
+
+    Similarities are between the query's image embedding and the reference spots' expression embeddings
+    (the contrastive space); queries are processed in chunks, so memory is ``chunk x n_reference``.
+    """
+    ref = bank["expression_embedding"]
+    expr = bank["expression"]
+    k = int(min(k, ref.shape[0]))
+    out = np.zeros((query_img.shape[0], expr.shape[1]), dtype=np.float32)
+    for s in range(0, query_img.shape[0], chunk):
+        sim = query_img[s : s + chunk] @ ref.T
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        ts = np.take_along_axis(sim, top, axis=1) / temperature
+        w = np.exp(ts - ts.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        out[s : s + chunk] = np.einsum("qk,qkg->qg", w, expr[top])
+    return out
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas=(1.0, 10.0, 100.0, 1000.0)) -> dict:
+    """Ridge regression ``y ~ x`` with alpha chosen by leave-one-group-out (sections) or 5-fold CV on training data."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GroupKFold, KFold
+
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mu) / sd
+    n_groups = len(np.unique(groups))
+    splitter = GroupKFold(n_splits=n_groups) if n_groups >= 3 else KFold(5, shuffle=True, random_state=0)
+    best, best_score = alphas[0], -np.inf
+    for a in alphas:
+        scores = []
+        for tr, te in splitter.split(xs, y, groups):
+            pred = Ridge(alpha=a).fit(xs[tr], y[tr]).predict(xs[te])
+            pc, yc = pred - pred.mean(0), y[te] - y[te].mean(0)
+            den = np.sqrt((pc**2).sum(0) * (yc**2).sum(0))
+            scores.append(np.mean(np.divide((pc * yc).sum(0), den, out=np.zeros(y.shape[1]), where=den > 0)))
+        if np.mean(scores) > best_score:
+            best, best_score = a, float(np.mean(scores))
+    model = Ridge(alpha=best).fit(xs, y)
+    logger.info("Regression head: ridge alpha %.3g (inner-CV mean r %.3f)", best, best_score)
+    return {"mean": mu.astype(np.float32), "std": sd.astype(np.float32),
+            "coef": model.coef_.T.astype(np.float32), "intercept": model.intercept_.astype(np.float32),
+            "alpha": np.float32(best)}
+
+
+def apply_ridge(x: np.ndarray, head: dict) -> np.ndarray:
+    """Predictions of a head from :func:`fit_ridge`."""
+    return ((x - head["mean"]) / head["std"]) @ head["coef"] + head["intercept"]
