@@ -134,3 +134,18 @@ def test_bad_strategy_and_devices():
         model.train(1, accelerator="cpu", strategy="fsdp")
     with pytest.raises(ValueError, match="devices must be"):
         fit_with_strategy(model.module, None, device=torch.device("cpu"), devices=0)
+
+
+def test_patch_cache_is_not_shipped_to_workers():
+    import pickle
+
+    model = _toy_model()
+    reader = model._sections[0].reader
+    first = [reader(i) for i in range(len(reader))]
+    assert reader.cache and reader._filled.all()
+    clone = pickle.loads(pickle.dumps(reader))  # what spawned DDP workers and DataLoader workers receive
+    assert not clone._filled.any()
+    assert len(pickle.dumps(reader)) < len(first) * first[0].nbytes  # the cached patches are not in the pickle
+    for i in (0, 7, len(reader) - 1):
+        np.testing.assert_array_equal(clone(i), first[i])
+        np.testing.assert_array_equal(reader(i), first[i])  # served from the cache, identical

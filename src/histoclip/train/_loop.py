@@ -129,8 +129,7 @@ def fit(
     autocast, use_scaler = _autocast(device, precision)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     module.to(device)
-    if device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
+    module.to(memory_format=torch.channels_last)  # NHWC convs: faster on CUDA and on x86 CPUs (oneDNN)
     net = module
     if world > 1:  # gradients averaged across ranks; the loss already sees every rank's embeddings
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
@@ -158,7 +157,7 @@ def fit(
                         img = augment_batch(img, aug_gen)
                     img = img.to(device, non_blocking=True)
                     expr = expr.to(device, non_blocking=True)
-                    if device.type == "cuda" and img.ndim == 4:
+                    if img.ndim == 4:
                         img = img.contiguous(memory_format=torch.channels_last)
                     with autocast:
                         out = net(img, expr)

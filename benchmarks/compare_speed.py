@@ -1,0 +1,159 @@
+"""Side-by-side wall time on DLPFC 151673 (3639 spots): histoclip's domain pipeline, a MicNet-like histoclip
+configuration (ResNet-18 trained end to end on 224 px patches), and GraphST.
+
+Measured in one run, on CPU. Full runs of the slow configurations do not fit a CPU budget, so:
+
+* histoclip (defaults: small CNN, 32 px patches, 3000 genes with spatial context, 30 epochs): ``--epochs`` epochs
+  are trained and timed (default 30; with fewer, the per-epoch time is extrapolated to 30 and the row says so);
+  embedding and domains are timed in full.
+* MicNet-like (image_backbone="resnet18", patch_px=224, 30 epochs): one epoch on a random subset of
+  ``--micnet-spots`` spots is timed, and training (3639 spots x 30 epochs) and embedding are extrapolated from
+  the measured spots per second: stated in the row.
+* GraphST 1.1.1 (needs its own venv, /work/venv-graphst, so it never touches histoclip's): run with ``--graphst``
+  (default off: ~400 s); otherwise the row cites the ~400 s per slide measured on this machine kind in
+  /work/shared/STACK.md (GraphST + pymclustr EEE + refinement).
+
+    python benchmarks/compare_speed.py [--epochs 30] [--micnet-spots 512] [--graphst] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GRAPHST_PY = Path("/work/venv-graphst/bin/python")
+
+_GRAPHST_SCRIPT = r"""
+import sys, time
+import anndata as ad, numpy as np, torch
+from GraphST import GraphST
+from sklearn.mixture import GaussianMixture
+adata = ad.read_h5ad(sys.argv[1])
+adata.var_names_make_unique()
+t = time.perf_counter()
+model = GraphST.GraphST(adata, device=torch.device("cpu"), random_seed=0)
+adata = model.train()
+from sklearn.decomposition import PCA
+emb = PCA(20, random_state=0).fit_transform(adata.obsm["emb"])
+labels = GaussianMixture(7, covariance_type="full", random_state=0).fit_predict(emb)
+print(time.perf_counter() - t)
+"""
+
+
+def histoclip_default(adata, epochs: int) -> dict:
+    import histoclip as hc
+
+    t = time.perf_counter()
+    hc.pp.extract_patches(adata)
+    t_extract = time.perf_counter() - t
+    t = time.perf_counter()
+    model = hc.tl.train(adata, max_epochs=epochs, accelerator="cpu", rng=0)
+    t_train = time.perf_counter() - t
+    per_epoch = float(model.history["seconds"].mean())
+    t_train_30 = t_train + (30 - epochs) * per_epoch
+    t = time.perf_counter()
+    hc.tl.embed(adata, model)
+    t_embed = time.perf_counter() - t
+    t = time.perf_counter()
+    hc.tl.domains(adata)
+    t_domains = time.perf_counter() - t
+    from histoclip.metrics import adjusted_rand
+
+    ok = adata.obs["layer"].notna()
+    return {
+        "method": "histoclip (defaults: small CNN, 32 px, 30 epochs)",
+        "seconds": t_extract + t_train_30 + t_embed + t_domains,
+        "parts": {"extract": t_extract, "train_30_epochs": t_train_30, "seconds_per_epoch": per_epoch,
+                  "embed": t_embed, "domains": t_domains},
+        "measured": f"{epochs} epochs measured" + ("" if epochs == 30 else f", training extrapolated to 30"),
+        "ari_vs_manual_layers": float(adjusted_rand(adata.obs["layer"][ok], adata.obs["histoclip_domain"][ok]))
+        if epochs == 30 else None,
+    }
+
+
+def micnet_like(adata, n_spots: int) -> dict:
+    import numpy as np
+
+    import histoclip as hc
+
+    hc.pp.extract_patches(adata)
+    sub = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, n_spots, replace=False))].copy()
+    model = hc.model.HistoCLIP(sub, image_backbone="resnet18", patch_px=224)
+    model.train(1, accelerator="cpu", rng=0)
+    per_epoch = float(model.history["seconds"].iloc[-1])
+    train_rate = n_spots / per_epoch
+    t = time.perf_counter()
+    model.get_latent_representation(sub[:256].copy(), modality="image")
+    embed_rate = 256 / (time.perf_counter() - t)
+    train_30 = 30 * adata.n_obs / train_rate
+    embed = adata.n_obs / embed_rate
+    return {
+        "method": "MicNet-like histoclip (ResNet-18 end to end, 224 px, 30 epochs)",
+        "seconds": train_30 + embed,
+        "parts": {"train_spots_per_second": train_rate, "embed_spots_per_second": embed_rate,
+                  "train_30_epochs": train_30, "embed": embed},
+        "measured": f"EXTRAPOLATED: one epoch on {n_spots} random spots and embedding of 256 spots measured, scaled "
+                    f"to {adata.n_obs} spots x 30 epochs; domains/extract (seconds) not included",
+    }
+
+
+def graphst(run: bool, h5ad: Path) -> dict:
+    row = {"method": "GraphST 1.1.1 (+ clustering)", "seconds": 400.0,
+           "measured": "CITED, not run here: ~400 s per slide measured on this machine kind "
+                       "(/work/shared/STACK.md, GraphST + pymclustr EEE + refinement)"}
+    if not run:
+        return row
+    if not GRAPHST_PY.exists():
+        row["measured"] += "; /work/venv-graphst does not exist"
+        return row
+    t = time.perf_counter()
+    proc = subprocess.run([str(GRAPHST_PY), "-c", _GRAPHST_SCRIPT, str(h5ad)], capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode == 0:
+        return {"method": "GraphST 1.1.1 (+ PCA 20 + sklearn GMM full)", "seconds": float(proc.stdout.split()[-1]),
+                "parts": {"process_seconds": time.perf_counter() - t}, "measured": "run here (its own venv)"}
+    row["measured"] += f"; running it failed: {proc.stderr.strip().splitlines()[-1:]}"
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--micnet-spots", type=int, default=512)
+    ap.add_argument("--graphst", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import tempfile
+
+    import torch
+
+    import histoclip as hc
+
+    torch.set_num_threads(args.threads)
+    hc.settings.progress = False
+    rows = [histoclip_default(hc.datasets.dlpfc(), args.epochs), micnet_like(hc.datasets.dlpfc(), args.micnet_spots)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dlpfc.h5ad"
+        a = hc.datasets.dlpfc()
+        a.obs = a.obs[["in_tissue", "array_row", "array_col"]]
+        a.write_h5ad(path)
+        rows.append(graphst(args.graphst, path))
+    result = {"slide": "DLPFC 151673 (3639 spots, 5000 genes, lowres image)",
+              "machine": f"{platform.machine()}, shared 2-core VM with other jobs running (timings vary up to ~4x)",
+              "threads": args.threads, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "compare_speed.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    for r in rows:
+        print(f"{r['method']:70s} {r['seconds']:8.0f} s  ({r['measured']})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Wall time and peak memory of each histoclip stage at 1k, 10k and 100k spots.
+
+Data: the bundled DLPFC 151673 slide (histoclip.datasets.dlpfc(), 3639 spots x 5000 genes, 600 x 600 lowres
+image) tiled k x k: the lowres image is tiled the same way (np.tile), every tile's spot coordinates are offset by
+one image width/height (in full-resolution pixels) and jittered (normal, sd 2 full-res px), the counts are
+repeated; then exactly N spots are drawn without replacement (seeded). k = ceil(sqrt(N / 3639)).
+
+Each stage runs in a fresh subprocess that loads the previous stage's output from disk; its wall time covers the
+histoclip call only (not loading/saving), its memory is the subprocess's peak RSS (resource.getrusage ru_maxrss),
+which includes importing torch/scanpy and reading the h5ad (the "baseline" row measures that alone). Stages:
+extract (hc.pp.extract_patches), train (hc.tl.train, max_epochs=1, default settings otherwise, CPU), embed
+(hc.tl.embed), domains (hc.tl.domains, defaults: GMM full covariance on 20 PCs of the smoothed embedding),
+predict (hc.tl.predict_expression, only when it exists).
+
+    python benchmarks/speed.py [--sizes 1000 10000 100000] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = ("baseline", "extract", "train", "embed", "domains", "predict")
+
+
+def build_slide(n: int, path: Path, seed: int = 0) -> dict:
+    import numpy as np
+    import scipy.sparse as sp
+
+    import histoclip as hc
+
+    a = hc.datasets.dlpfc()
+    lib = next(iter(a.uns["spatial"]))
+    entry = a.uns["spatial"][lib]
+    img = entry["images"]["lowres"]
+    scalef = entry["scalefactors"]["tissue_lowres_scalef"]
+    k = max(1, math.ceil(math.sqrt(n / a.n_obs)))
+    h, w = img.shape[:2]
+    gen = np.random.default_rng(seed)
+    coords, blocks = [], []
+    for ty in range(k):
+        for tx in range(k):
+            xy = a.obsm["spatial"].astype(np.float64) + np.array([tx * w / scalef, ty * h / scalef])
+            coords.append(xy + gen.normal(0, 2.0, size=xy.shape))
+            blocks.append(sp.csr_matrix(a.X))
+    x = sp.vstack(blocks).tocsr()
+    xy = np.concatenate(coords)
+    take = np.sort(gen.choice(x.shape[0], size=n, replace=False))
+    import anndata as ad
+
+    out = ad.AnnData(X=x[take], var=a.var.copy())
+    out.obs_names = [f"s{i}" for i in range(n)]
+    out.obsm["spatial"] = xy[take]
+    out.uns["spatial"] = {lib: {"images": {"lowres": np.tile(img, (k, k, 1))},
+                                "scalefactors": dict(entry["scalefactors"]),
+                                "metadata": dict(entry.get("metadata", {}))}}
+    out.write_h5ad(path)
+    return {"k": k, "image_shape": list(out.uns["spatial"][lib]["images"]["lowres"].shape), "n_genes": out.n_vars}
+
+
+def run_stage(stage: str, work: Path) -> dict:
+    """Body of one subprocess: load inputs, time one histoclip call, save outputs, report peak RSS."""
+    import resource
+
+    import anndata as ad
+    import numpy as np
+
+    import histoclip as hc
+
+    hc.settings.progress = False
+    extra: dict = {}
+    adata = ad.read_h5ad(work / ("patched.h5ad" if stage not in ("baseline", "extract") else "slide.h5ad"))
+    t = time.perf_counter()
+    if stage == "baseline":
+        pass
+    elif stage == "extract":
+        hc.pp.extract_patches(adata)
+        seconds = time.perf_counter() - t
+        adata.write_h5ad(work / "patched.h5ad")
+    elif stage == "train":
+        model = hc.tl.train(adata, max_epochs=1, accelerator="cpu", rng=0)
+        seconds = time.perf_counter() - t
+        epoch_s = float(model.history["seconds"].iloc[-1])
+        extra = {"epoch_seconds": epoch_s, "spots_per_second": adata.n_obs / epoch_s,
+                 "setup_seconds": seconds - epoch_s}
+        model.save(work / "model", overwrite=True)
+    elif stage in ("embed", "predict"):
+        model = hc.model.HistoCLIP.load(work / "model", adata, accelerator="cpu")
+        extra = {"load_seconds": time.perf_counter() - t}
+        t = time.perf_counter()
+        if stage == "embed":
+            hc.tl.embed(adata, model)
+            np.save(work / "embedding.npy", adata.obsm["X_histoclip"])
+        else:
+            hc.tl.predict_expression(adata, model)
+    elif stage == "domains":
+        adata.obsm["X_histoclip"] = np.load(work / "embedding.npy")
+        t = time.perf_counter()
+        hc.tl.domains(adata)
+        extra = {"n_domains_found": int(adata.obs["histoclip_domain"].nunique())}
+    if stage != "extract":
+        seconds = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"seconds": seconds, "peak_rss_mb": rss, **extra}
+
+
+def _child(stage: str, work: Path, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--work", str(work)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}",
+                "process_seconds": time.perf_counter() - t}
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    rec["process_seconds"] = time.perf_counter() - t
+    return rec
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes = [int(s) for s in result["runs"]]
+    for stage in STAGES[1:]:
+        pts = [(n, result["runs"][str(n)].get(stage, {})) for n in sizes]
+        pts = [(n, r) for n, r in pts if "seconds" in r]
+        if not pts:
+            continue
+        ns = [n for n, _ in pts]
+        ax_t.plot(ns, [max(r["seconds"], 1e-3) for _, r in pts], "o-", label=stage)
+        ax_m.plot(ns, [r["peak_rss_mb"] / 1024 for _, r in pts], "o-", label=stage)
+    ref = [sizes[0], sizes[-1]]
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("spots (N)")
+        ax.grid(True, which="both", alpha=0.3)
+    t0 = result["runs"][str(sizes[0])].get("train", {}).get("seconds")
+    if t0:
+        ax_t.plot(ref, [t0, t0 * ref[1] / ref[0]], "k--", lw=0.8, label="linear")
+    ax_t.set_ylabel("wall time of the call (s)")
+    ax_m.set_ylabel("peak RSS of the stage's process (GiB)")
+    ax_m.axhline(8, color="r", lw=0.8, ls=":", label="8 GiB")
+    ax_t.legend(fontsize=8)
+    ax_m.legend(fontsize=8)
+    fig.suptitle("histoclip stages on tiled DLPFC 151673 (shared 2-core VM, CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch/OpenMP threads per stage (1: on a shared, oversubscribed VM 2 threads ran ~5x slower)")
+    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage:
+        print(json.dumps(run_stage(args.stage, args.work)))
+        return
+    import histoclip as hc
+
+    result: dict = {
+        "what": "wall time of each histoclip call and peak RSS of its fresh subprocess, per number of spots",
+        "data": "DLPFC 151673 (bundled) tiled k x k with its lowres image tiled the same way, coordinates offset per "
+                "tile + N(0, 2 px) jitter, then N spots drawn without replacement",
+        "memory": "peak RSS (resource.getrusage ru_maxrss) of a fresh subprocess per stage; includes imports and "
+                  "reading the h5ad (see 'baseline')",
+        "settings": "defaults (3000 HVGs with spatial context = 6000 inputs, small CNN at patch_px=32, batch 256), "
+                    "max_epochs=1, CPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared 2-core VM with other jobs running "
+                   "(timings vary up to ~4x)",
+        "threads": args.threads,
+        "histoclip": hc.__version__,
+        "predict_expression": hasattr(hc.tl, "predict_expression"),
+        "runs": {},
+    }
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory(prefix=f"hc-speed-{n}-") as tmp:
+            work = Path(tmp)
+            t = time.perf_counter()
+            info = build_slide(n, work / "slide.h5ad")
+            run: dict = {"slide": {**info, "build_seconds": time.perf_counter() - t}}
+            for stage in STAGES:
+                if stage == "predict" and not result["predict_expression"]:
+                    run[stage] = {"skipped": "histoclip.tl.predict_expression does not exist yet"}
+                    continue
+                run[stage] = _child(stage, work, args.threads)
+                print(f"N={n:6d} {stage:8s} {json.dumps(run[stage])}", file=sys.stderr, flush=True)
+            run["end_to_end_seconds"] = sum(r.get("process_seconds", 0.0) for r in run.values() if isinstance(r, dict))
+            result["runs"][str(n)] = run
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "speed.json").write_text(json.dumps(result, indent=2))
+    sizes = [str(s) for s in args.sizes]
+    if "10000" in sizes and "100000" in sizes:
+        ratio = {}
+        for stage in STAGES[1:]:
+            a, b = result["runs"]["10000"].get(stage, {}), result["runs"]["100000"].get(stage, {})
+            if "seconds" in a and "seconds" in b:
+                ratio[stage] = b["seconds"] / max(a["seconds"], 1e-9)
+        tot = [sum(result["runs"][s].get(st, {}).get("seconds", 0.0) for st in STAGES[1:]) for s in ("10000", "100000")]
+        ratio["all_stages"] = tot[1] / tot[0]
+        result["time_ratio_100k_over_10k"] = ratio
+    result["peak_rss_gib_max"] = max(r.get("peak_rss_mb", 0) for run in result["runs"].values()
+                                     for r in run.values() if isinstance(r, dict)) / 1024
+    (RESULTS / "speed.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / "speed.png")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
