@@ -9,8 +9,17 @@ from anndata import AnnData
 from .._constants import Key
 from .._settings import logger
 from .._utils import timed, write_results
+from ..pp._genes import expression_matrix
 from ..model import HistoCLIP
-from ..model._predict import _context, apply_ridge, fit_ridge, reference_bank, retrieve
+from ..model._predict import (
+    _context,
+    apply_ridge,
+    context_features,
+    fit_ridge,
+    image_representation,
+    reference_bank,
+    retrieve,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -68,16 +77,18 @@ def predict_expression(
         A trained :class:`~histoclip.model.HistoCLIP`, trained on other sections.
     method
         ``"retrieval"`` (BLEEP): the prediction of a spot is the softmax-weighted mean log-normalised expression of the
-        ``k`` training spots whose expression embeddings are closest to its image embedding. ``"regression"``: a ridge
-        head from the image embedding to the log-normalised expression, fitted on the training spots (its penalty
-        chosen by leave-one-section-out cross-validation on the training sections).
+        ``k`` training spots whose expression embeddings are closest to its image embedding (the contrastive space).
+        ``"regression"``: a ridge head on the image tower's features (the precomputed multi-scale features, or the
+        CNN's), z-scored within each section and joined with the mean of each spot's spatial neighbours (within
+        1.5 spot spacings); 256 principal components; penalty chosen by leave-one-section-out cross-validation on
+        the training sections only. On HER2ST the regression head is the more accurate (``benchmarks/prediction.py``).
     k
         Reference spots averaged by retrieval.
     temperature
         Softmax temperature of the retrieval weights (default: the model's contrastive temperature).
     context
-        Weight of the spatial neighbours' image embeddings mixed into each spot's (0: the spot alone). The same
-        mixing is applied to training and query spots (within each section).
+        Retrieval: weight of the spatial neighbours' image embeddings mixed into each query spot's (0: the spot
+        alone).
     key_added
         Layer written when the query's genes are exactly the model's genes.
     batch_size
@@ -104,30 +115,32 @@ def predict_expression(
     with timed(f"predict_expression ({method})"):
         _ensure_features(query, model)
         section, _ = model._resolve_query(query, "image")
-        z = _context(model._embed(section, None, "image", batch_size), section, context)
         state = _state(model)
-        key = f"bank_context{context:g}"
-        if key not in state:
-            bank = reference_bank(model, batch_size)
-            ctx = [_context(bank["image_embedding"][o : o + s.spots.n_obs], s, context)
-                   for s, o in zip(model._sections, np.cumsum([0] + [s.spots.n_obs for s in model._sections]),
-                                   strict=False)]
-            bank["image_embedding_context"] = np.concatenate(ctx)
-            bank["section"] = np.concatenate([np.full(s.spots.n_obs, i) for i, s in enumerate(model._sections)])
-            state[key] = bank
-        bank = state[key]
         if method == "retrieval":
+            z = _context(model._embed(section, None, "image", batch_size), section, context)
+            key = "bank"
+            if key not in state:
+                state[key] = reference_bank(model, batch_size)
+            bank = state[key]
             pred = retrieve(z, bank, k, temperature)
+            n_ref = bank["expression"].shape[0]
         else:
-            head_key = f"ridge_context{context:g}"
-            if head_key not in state:
-                state[head_key] = fit_ridge(bank["image_embedding_context"], bank["expression"], bank["section"])
-            pred = apply_ridge(z, state[head_key])
+            if "ridge" not in state:
+                xs = [context_features(image_representation(model, s), s) for s in model._sections]
+                ys = [expression_matrix(s.spots.adata, model.genes, layer=model.init_params["layer"])
+                      for s in model._sections]
+                groups = np.concatenate([np.full(len(x), i) for i, x in enumerate(xs)])
+                state["ridge"] = fit_ridge(np.concatenate(xs), np.concatenate(ys), groups)
+            pred = apply_ridge(context_features(image_representation(model, section), section), state["ridge"])
+            n_ref = int(sum(s.spots.n_obs for s in model._sections))
     pred = pred.astype(np.float32)
     table = section.spots.adata
-    params = {"method": method, "k": k if method == "retrieval" else None, "temperature": temperature,
-              "context": context, "n_reference": int(bank["expression"].shape[0]), "n_genes": len(model.genes),
-              "key_added": key_added}
+    params = {"method": method, "k": k if method == "retrieval" else None,
+              "temperature": temperature if method == "retrieval" else None,
+              "context": context if method == "retrieval" else None, "n_reference": int(n_ref),
+              "n_genes": len(model.genes), "key_added": key_added}
+    if method == "regression":
+        params["alpha"] = float(state["ridge"]["alpha"])
     if set(table.var_names) == set(model.genes) and table.n_vars == len(model.genes):
         order = pd.Index(model.genes).get_indexer(table.var_names)
         write_results(table, layers={key_added: pred[:, order]}, params=("predict_expression", params))
