@@ -105,6 +105,18 @@ def resolve(
     )
 
 
+def check_unique_obs_names(adata: AnnData, what: str = "adata") -> None:
+    """Raise a clear error when spot names repeat: results are written by name and would be ambiguous."""
+    if adata.obs_names.is_unique:
+        return
+    dup = adata.obs_names[adata.obs_names.duplicated()]
+    raise ValueError(
+        f"{what}.obs_names has {len(dup)} duplicated spot names (first: {list(pd.unique(dup)[:5])}); results are "
+        f"stored per spot, so names must be unique. Run {what}.obs_names_make_unique() first (after concatenating "
+        "sections, anndata.concat(..., index_unique='-') does the same)."
+    )
+
+
 # --------------------------------------------------------------------------------------------------- AnnData
 def check_spatial(adata: AnnData) -> np.ndarray:
     """Return ``obsm["spatial"]`` as float64 (n, 2) or raise a clear error."""
@@ -212,6 +224,7 @@ def _resolve_anndata(
     need_image: bool,
 ) -> SpotData:
     xy = check_spatial(adata)
+    check_unique_obs_names(adata)
     spatial = adata.uns.get(Key.uns.spatial, {})
     libs = [str(k) for k in spatial] if isinstance(spatial, dict) else []
     if not libs:
@@ -323,6 +336,7 @@ def _resolve_spatialdata(
     table = sdata.tables[table_key]
     if table.n_obs == 0:
         raise ValueError(f"Table {table_key!r} is empty (0 rows); nothing to do.")
+    check_unique_obs_names(table, f"sdata.tables[{table_key!r}]")
     attrs = table.uns.get("spatialdata_attrs", {})
     region, region_key, instance_key = attrs.get("region"), attrs.get("region_key"), attrs.get("instance_key")
     if region is None or region_key is None or instance_key is None:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 FILE_NAME = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"  # written next to FILE_NAME by train(checkpoint_dir=...)
 Modality = Literal["joint", "image", "expression"]
 
 
@@ -44,6 +45,33 @@ class _Section:
 def joint_embedding(image: np.ndarray, expression: np.ndarray) -> np.ndarray:
     """The joint embedding: both L2-normalised embeddings side by side, scaled to unit norm."""
     return (np.concatenate([image, expression], axis=1) / np.sqrt(2)).astype(np.float32)
+
+
+class _EpochEnd:
+    """The per-epoch callback of :meth:`HistoCLIP.train`; inert once pickled into a spawned worker process."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args) -> None:
+        if self.fn is not None:
+            self.fn(*args)
+
+    def __getstate__(self) -> dict:
+        return {"fn": None}  # a closure over the model cannot (and need not) travel to another process
+
+
+def _atomic_save_file(tensors: dict, target: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _as_list(data) -> list:
@@ -174,6 +202,7 @@ class HistoCLIP:
         self.history = pd.DataFrame(columns=["epoch", "loss", "image_to_expression", "expression_to_image"])
         self.is_trained = False
         self.train_params: dict[str, Any] = {}
+        self._optimizer_state: dict | None = None  # set by load() from a checkpoint, used by the next train()
         self.device = torch.device("cpu")
         logger.info("HistoCLIP: %d sections, %d spots, %d genes, image backbone %r", len(sections),
                     sum(s.spots.n_obs for s in sections), len(self.genes), image_backbone)
@@ -285,6 +314,7 @@ class HistoCLIP:
         devices: int | Literal["auto"] = 1,
         strategy: Literal["auto", "ddp"] = "auto",
         rng: RNGLike = 0,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> HistoCLIP:
         """Train the model.
 
@@ -314,6 +344,11 @@ class HistoCLIP:
         rng
             Seed (or Generator) for weight initialisation, shuffling, augmentation and dropout. The first call
             initialises the weights from it; later calls continue from the current weights.
+        checkpoint_dir
+            Folder to write a checkpoint to at the end of every epoch: ``model.safetensors`` (what :meth:`save`
+            writes) and ``optimizer.safetensors`` (Adam's state), both replaced atomically. Resume an interrupted
+            run with ``HistoCLIP.load(checkpoint_dir, data).train(remaining_epochs, ...)`` and the same settings:
+            the epoch count, the learning-rate schedule and the optimizer state continue where they stopped.
 
         Returns
         -------
@@ -323,12 +358,29 @@ class HistoCLIP:
             raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
         seed = resolve_seed(rng)
         device = pick_device(accelerator)
+        if not self._sections:
+            raise RuntimeError("The model has no training data attached; load it with HistoCLIP.load(dir_path, data).")
         if not self.is_trained:
             self.module = self._build_module(seed)
         dataset = ConcatDataset([
             PatchDataset(s.reader, x, s.features) for s, x in zip(self._sections, self._train_inputs, strict=True)
         ])
         start = int(self.history["epoch"].max()) if len(self.history) else 0
+        base_history, new_rows = self.history, []
+
+        def record_epoch(epoch: int, optimizer: torch.optim.Optimizer, row: dict) -> None:
+            # after each completed epoch: the model stays usable (and checkpointed) if a later epoch fails
+            new_rows.append(row)
+            done = pd.DataFrame(new_rows, columns=list(row))
+            self.history = done if not len(base_history) else pd.concat([base_history, done], ignore_index=True)
+            self.is_trained, self.device = True, device
+            self.train_params = {
+                "max_epochs": max_epochs, "epochs_completed": int(epoch), "batch_size": batch_size, "lr": lr,
+                "weight_decay": weight_decay, "augment": augment, "precision": precision, "seed": seed,
+                "device": str(device), "interrupted": epoch < start + max_epochs,
+            }
+            if checkpoint_dir is not None:
+                self._save_checkpoint(checkpoint_dir, optimizer.state_dict(), epoch)
         result = fit_with_strategy(
             self.module,
             dataset,
@@ -344,10 +396,12 @@ class HistoCLIP:
             precision=precision,
             num_workers=settings.num_workers if num_workers is None else num_workers,
             start_epoch=start,
+            optimizer_state=self._take_optimizer_state(),
+            on_epoch_end=_EpochEnd(record_epoch),
         )
         self.device = device
         hist = result.history
-        self.history = hist if not len(self.history) else pd.concat([self.history, hist], ignore_index=True)
+        self.history = hist if not len(base_history) else pd.concat([base_history, hist], ignore_index=True)
         self.is_trained = self.is_trained or result.epochs_completed > 0
         self.train_params = {
             "max_epochs": max_epochs, "epochs_completed": int(start + result.epochs_completed),
@@ -355,6 +409,9 @@ class HistoCLIP:
             "precision": precision, "seed": seed, "device": str(device), "interrupted": result.interrupted,
             "devices": devices, "strategy": strategy,
         }
+        if checkpoint_dir is not None and result.epochs_completed > 0 and not result.interrupted:
+            # the final state once more, with the complete train_params (and for runs in spawned workers)
+            self._save_checkpoint(checkpoint_dir, result.extras.get("optimizer_state"), start + result.epochs_completed)
         return self
 
     # ---------------------------------------------------------------------------------------------- inference
@@ -473,6 +530,62 @@ class HistoCLIP:
         logger.info("Saved the model to %s", target)
         return target
 
+    def _save_checkpoint(self, dir_path: str | os.PathLike, optimizer_state: dict | None, epoch: int) -> None:
+        """Write ``optimizer.safetensors`` (tensors + JSON, no pickle), then ``model.safetensors``, both atomically."""
+        dir_path = Path(dir_path)
+        dir_path.mkdir(parents=True, exist_ok=True)
+        if optimizer_state is not None:
+            tensors, scalars = {}, {}
+            for pid, entry in optimizer_state["state"].items():
+                for name, value in entry.items():
+                    if torch.is_tensor(value):
+                        tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
+                    else:
+                        scalars[f"{pid}.{name}"] = value
+            meta = {"format": 1, "epoch": int(epoch), "param_groups": optimizer_state["param_groups"],
+                    "scalars": scalars}
+            _atomic_save_file(tensors, dir_path / OPTIMIZER_FILE, {"histoclip_optimizer": json.dumps(meta)})
+        self.save(dir_path, overwrite=True)
+        logger.info("Checkpoint of epoch %d written to %s", epoch, dir_path)
+
+    @staticmethod
+    def _read_optimizer_state(dir_path: Path, epoch: int) -> dict | None:
+        """The optimizer state saved next to a model of ``epoch`` completed epochs, or None."""
+        from safetensors import SafetensorError, safe_open
+
+        path = dir_path / OPTIMIZER_FILE
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["histoclip_optimizer"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as err:
+            raise ValueError(
+                f"{path} is not a readable optimizer checkpoint (corrupted or truncated?): {err}. Delete it to resume "
+                "with fresh optimizer moments."
+            ) from err
+        if int(meta.get("epoch", -1)) != epoch:
+            logger.warning("%s is from epoch %s but the model from epoch %d (interrupted while saving?); resuming "
+                           "with fresh optimizer moments.", path, meta.get("epoch"), epoch)
+            return None
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+        for key, value in meta["scalars"].items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        groups = meta["param_groups"]
+        for group in groups:
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+        return {"state": state, "param_groups": groups}
+
+    def _take_optimizer_state(self) -> dict | None:
+        state, self._optimizer_state = getattr(self, "_optimizer_state", None), None
+        return state
+
     @classmethod
     def load(
         cls,
@@ -482,6 +595,9 @@ class HistoCLIP:
         accelerator: str = "auto",
     ) -> HistoCLIP:
         """Load a model saved with :meth:`save` (no code is unpickled: safetensors + JSON).
+
+        Loading a ``checkpoint_dir`` of :meth:`train` also restores the optimizer state, so that
+        ``HistoCLIP.load(checkpoint_dir, data).train(remaining_epochs)`` resumes the run.
 
         Parameters
         ----------
@@ -526,6 +642,8 @@ class HistoCLIP:
             raise ValueError(f"{path} does not match the model it describes: {err}") from err
         self.device = pick_device(accelerator)
         self.module.to(self.device).eval()
+        self._optimizer_state = cls._read_optimizer_state(
+            Path(dir_path), int(self.history["epoch"].max()) if len(self.history) else 0)
         self._data, self._sections, self._train_inputs = [], [], []
         if data is not None:
             self._attach(data)

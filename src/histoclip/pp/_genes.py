@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from .._settings import logger
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -68,7 +70,10 @@ def select_genes(adata: AnnData, n_top_genes: int = 3000, *, layer: str | None =
 
 
 def expression_matrix(adata: AnnData, genes: Sequence[str], *, layer: str | None = None) -> np.ndarray:
-    """Dense float32 log-normalised expression of ``genes`` (normalised by each spot's total over all genes)."""
+    """Dense float32 log-normalised expression of ``genes`` (normalised by each spot's total over all genes).
+
+    Spots with zero counts are kept (their expression is all zeros) and a warning gives their number.
+    """
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(
@@ -78,5 +83,12 @@ def expression_matrix(adata: AnnData, genes: Sequence[str], *, layer: str | None
         )
     x = counts_matrix(adata, layer)
     totals = np.asarray(x.sum(axis=1)).ravel()
+    empty = totals <= 0
+    if empty.any():  # kept, not dropped: results stay aligned with adata's rows
+        logger.warning(
+            "%d of %d spots have zero counts (first: %s); they are kept and their log-normalised expression is zero. "
+            "Drop them first (e.g. sc.pp.filter_cells(adata, min_counts=1)) if they are not tissue.",
+            int(empty.sum()), len(totals), list(adata.obs_names[empty][:5]),
+        )
     idx = adata.var_names.get_indexer(list(genes))
     return np.asarray(log_normalize(x[:, idx], totals).todense(), dtype=np.float32)

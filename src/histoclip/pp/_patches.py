@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import Key
+from .._settings import logger
 from .._utils import timed, write_results
 from ..io._slide import SpotData, resolve
 
@@ -19,8 +20,9 @@ def patch_boxes(spots: SpotData, size_um: float) -> tuple[np.ndarray, dict[str, 
     """Integer boxes ``[x0, y0, x1, y1)`` of side ``size_um`` centred on each spot, per slide's image pixels.
 
     The side in pixels is ``round(size_um / um_per_px)``; the box starts at ``round(centre - side / 2)``,
-    so its centre is within half a pixel of the spot centre. Boxes may reach outside the image: the
-    outside is padded when the patch is read.
+    so its centre is within half a pixel of the spot centre. Boxes may reach partly outside the image: the
+    outside is padded when the patch is read (the count is logged). A box entirely outside the image is an
+    error: it means the coordinates are not in that image's pixel frame (usually wrong scale factors).
     """
     boxes = np.zeros((spots.n_obs, 4), dtype=np.int64)
     sides: dict[str, int] = {}
@@ -40,9 +42,35 @@ def patch_boxes(spots: SpotData, size_um: float) -> tuple[np.ndarray, dict[str, 
         side = max(1, int(round(side_f)))
         x0 = np.round(s.coords[:, 0] - side / 2.0).astype(np.int64)
         y0 = np.round(s.coords[:, 1] - side / 2.0).astype(np.int64)
+        if s.image is not None:
+            _check_inside(spots, s, x0, y0, side)
         boxes[s.index] = np.column_stack([x0, y0, x0 + side, y0 + side])
         sides[s.library_id] = side
     return boxes, sides
+
+
+def _check_inside(spots: SpotData, s, x0: np.ndarray, y0: np.ndarray, side: int) -> None:
+    """Raise when a patch lies entirely outside its image; log how many are padded at the edges."""
+    h, w = s.image.height, s.image.width
+    outside = (x0 + side <= 0) | (x0 >= w) | (y0 + side <= 0) | (y0 >= h)
+    if outside.any():
+        names = list(spots.adata.obs_names[s.index[outside]][:5])
+        cx, cy = s.coords[outside][0]
+        hint = (
+            "The shapes' and the image's transformations do not align them: check them with "
+            "spatialdata.transformations.get_transformation." if spots.source == "spatialdata" else
+            f"obsm['spatial'] must be in full-resolution pixels and scalefactors['tissue_{s.img_key}_scalef'] must "
+            "map them to this image: check the scale factors, or pass img_key= naming the image they belong to."
+        )
+        raise ValueError(
+            f"{int(outside.sum())} of {len(x0)} spots of library {s.library_id!r} have their patch entirely outside "
+            f"image {s.img_key!r} ({w}x{h} px, width x height; first: {names}, e.g. centre ({cx:.1f}, {cy:.1f}) px). "
+            + hint + " Or drop the spots that lie outside the tissue image first."
+        )
+    partial = (x0 < 0) | (y0 < 0) | (x0 + side > w) | (y0 + side > h)
+    if partial.any():
+        logger.info("%d of %d patches of library %r reach past the image edge; the outside is padded with white.",
+                    int(partial.sum()), len(x0), s.library_id)
 
 
 def extract_patches(
@@ -64,7 +92,9 @@ def extract_patches(
 
     Only the patch boxes are computed and stored; pixels are read lazily, a batch at a time, when the model
     trains or embeds (:class:`histoclip.data.PatchDataset`), so a full-resolution slide never has to sit in
-    memory. Spots near the image edge keep their patch: the part outside the image is padded with white.
+    memory. Spots near the image edge keep their patch: the part outside the image is padded with white. A spot
+    whose patch lies entirely outside the image raises a :class:`ValueError` (its coordinates do not belong to
+    this image: usually wrong scale factors).
     Patches are handed to the model as RGB uint8 whatever the image's dtype; see :mod:`histoclip.io._image`
     for the conversion (uint16 scaled by 1/257, floats in [0, 1] scaled by 255, grayscale repeated, alpha dropped).
 

@@ -95,6 +95,10 @@ def fit(
     torch random state is restored afterwards. Interrupting (Ctrl-C) keeps the weights of the last completed
     epoch; any other exception in a batch also restores them before it propagates. A non-finite loss stops
     training with :class:`FloatingPointError` naming the epoch and step.
+
+    ``start_epoch`` and ``optimizer_state`` resume a run: the cosine schedule (over ``start_epoch + max_epochs``
+    epochs) is fast-forwarded and Adam's moments restored. ``on_epoch_end(epoch, optimizer, row)`` is called after
+    each completed epoch with its history row (used for checkpoints).
     """
     n = len(dataset)
     if n < 2:
@@ -120,8 +124,11 @@ def fit(
     )
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if optimizer_state is not None:
+    if optimizer_state is not None:  # resuming: keep Adam's moments, take lr and weight decay from the arguments
         opt.load_state_dict(optimizer_state)
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = lr  # the schedule below is fast-forwarded from the base lr
+            group["weight_decay"] = weight_decay
     total = start_epoch + max_epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), last_epoch=-1)
     for _ in range(start_epoch):
@@ -194,7 +201,7 @@ def fit(
                 best_state = copy.deepcopy(module.state_dict())
                 completed += 1
                 if on_epoch_end is not None and rank == 0:
-                    on_epoch_end(epoch + 1, opt)
+                    on_epoch_end(epoch + 1, opt, rows[-1])
         except KeyboardInterrupt:
             interrupted = True
             module.load_state_dict(best_state)
