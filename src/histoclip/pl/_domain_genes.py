@@ -8,7 +8,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .._constants import Key
-from ..io._slide import DEFAULT_SPOT_DIAMETER_UM, resolve
+from ..io._slide import resolve
+from ..pp._patches import _spot_um
 from ..pp._genes import counts_matrix, log_normalize
 from ._utils import draw_slide
 
@@ -104,7 +105,7 @@ def domain_genes(
         fig, axes = plt.subplots(nrows, min(ncols, n), figsize=(3.2 * min(ncols, n), 3.2 * nrows), squeeze=False)
         mappable = None
         for ax, (dom, g), j in zip(axes.ravel(), pairs, range(n), strict=False):
-            mappable = draw_slide(ax, slide, scaled[slide.index, j], spot_diameter_um=DEFAULT_SPOT_DIAMETER_UM,
+            mappable = draw_slide(ax, slide, scaled[slide.index, j], spot_diameter_um=_spot_um(spots, None),
                                   categorical=False, cmap="magma", vmin=0, vmax=1, alpha=1.0)
             ax.set_title(f"{g} (domain {dom})", fontsize=10)
         for ax in axes.ravel()[n:]:

@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from .._constants import Key
-from ..io._slide import DEFAULT_SPOT_DIAMETER_UM, resolve
+from ..io._slide import resolve
+from ..pp._patches import _spot_um
 from ._utils import categories_of, draw_slide, finish, get_ax, palette
 
 if TYPE_CHECKING:
@@ -86,7 +88,7 @@ def domains(
     colors = palette(cats, list(adata.uns.get(f"{color}_colors", [])) or None)
     values = series.astype(str).to_numpy()[slide.index]
     ax = get_ax(ax)
-    draw_slide(ax, slide, values, spot_diameter_um=spot_diameter_um or DEFAULT_SPOT_DIAMETER_UM, categorical=True,
+    draw_slide(ax, slide, values, spot_diameter_um=_spot_um(spots, spot_diameter_um), categorical=True,
                colors=colors, alpha=alpha)
     if legend:
         handles = [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colors[c],
@@ -182,6 +184,7 @@ def loss(model: HistoCLIP, *, ax: Axes | None = None, save: str | Path | None = 
     ax.plot(hist["epoch"], hist["image_to_expression"], lw=1, ls="--", label="image → expression")
     ax.plot(hist["epoch"], hist["expression_to_image"], lw=1, ls=":", label="expression → image")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("contrastive loss (InfoNCE)")
     ax.legend(frameon=False)
     ax.spines[["top", "right"]].set_visible(False)

@@ -79,18 +79,20 @@ def predicted_expression(
     pred = _predicted_values(predicted, genes, layer)
     spots = resolve(measured, library_id=library_id, spot_diameter_um=spot_diameter_um)
     slide = spots.slides[0]
-    from ..io._slide import DEFAULT_SPOT_DIAMETER_UM
     from ..metrics import gene_pearson
+    from ..pp._patches import _spot_um
 
     r = gene_pearson(meas, pred, genes)
-    fig, axes = plt.subplots(len(genes), 2, figsize=(7.2, 3.4 * len(genes)), squeeze=False)
+    xy = slide.coords
+    aspect = float(np.clip(np.ptp(xy[:, 1]) / max(np.ptp(xy[:, 0]), 1e-9), 0.4, 2.5)) if len(xy) > 1 else 1.0
+    fig, axes = plt.subplots(len(genes), 2, figsize=(7.2, (2.9 * aspect + 0.6) * len(genes)), squeeze=False)
     for j, g in enumerate(genes):
         both = np.concatenate([meas[:, j], pred[:, j]])
         vmin, vmax = np.percentile(both, [1, 99])
         vmax = vmax if vmax > vmin else vmin + 1e-6
         for k, (vals, label) in enumerate(((meas[:, j], "measured"), (pred[:, j], "predicted"))):
             ax = axes[j, k]
-            m = draw_slide(ax, slide, vals[slide.index], spot_diameter_um=spot_diameter_um or DEFAULT_SPOT_DIAMETER_UM,
+            m = draw_slide(ax, slide, vals[slide.index], spot_diameter_um=_spot_um(spots, spot_diameter_um),
                            categorical=False, cmap=cmap, vmin=vmin, vmax=vmax, alpha=1.0)
             ax.set_title(f"{g}: {label}" + (f" (r = {r[g]:.2f})" if k == 1 else ""), fontsize=10)
         fig.colorbar(m, ax=axes[j, :].tolist(), shrink=0.8, label="log1p(CP10k)")
