@@ -1,0 +1,68 @@
+"""Every notebook in tutorials/ runs top to bottom (quick settings), offline, without touching its committed outputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TUTORIALS = REPO / "tutorials"
+SHARED = REPO.parent / "shared" / "data"
+NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+
+
+def _shared_her2st(rel: str) -> Path:
+    """Where the shared copy of a registry file lies (the same layout as tests/test_her2st.py reads)."""
+    name = Path(rel).name
+    root = SHARED / "her2st"
+    if "ST-imgs" in rel:
+        return root / "images" / f"{rel.split('/')[3]}_{name}"
+    return root / "raw" / ("ST-cnts" if "ST-cnts" in rel else "ST-spotfiles") / name
+
+
+@pytest.fixture(scope="module")
+def datasetdir(tmp_path_factory) -> Path:
+    """A dataset folder holding the HER2ST raw files in pooch's layout, so hc.datasets.her2st() never downloads."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    from histoclip.datasets._her2st import REGISTRY
+
+    root = tmp_path_factory.mktemp("histoclip_data")
+    for rel in REGISTRY:
+        dst = root / "her2st" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_shared_her2st(rel), dst)
+    return root
+
+
+def test_there_are_tutorials():
+    assert {p.name for p in NOTEBOOKS} >= {"domains_dlpfc.ipynb", "prediction_her2st.ipynb", "spatialdata.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_tutorial_runs(path, datasetdir, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+
+    copy = tmp_path / path.name
+    shutil.copyfile(path, copy)  # executed and saved here, never over the committed notebook
+    monkeypatch.setenv("HISTOCLIP_TUTORIAL_QUICK", "1")
+    monkeypatch.setenv("HISTOCLIP_DATA", str(datasetdir))
+    monkeypatch.setenv("HISTOCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPLBACKEND", "agg")
+    nb = nbformat.read(copy, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        # relative paths in a notebook (e.g. the Visium folder) are relative to tutorials/, as for a user
+        resources={"metadata": {"path": str(TUTORIALS)}},
+    )
+    try:
+        client.execute()  # raises CellExecutionError on the first cell that errors
+    finally:
+        nbformat.write(nb, copy)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
