@@ -41,3 +41,41 @@ if os.environ.get("HISTOCLIP_DOCS_INTERSPHINX"):
     }
 nitpicky = False
 templates_path = ["_templates"]
+
+
+# --- files assembled from elsewhere in the repository ------------------------------------------------------------
+# Tutorials live in ../tutorials (run by the test suite); benchmark results in ../benchmarks/results (written by the
+# benchmark scripts). Copy them next to the pages that include them, only when their content changed.
+def _sync(src, dst) -> None:
+    import shutil
+    from pathlib import Path
+
+    src, dst = Path(src), Path(dst)
+    if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def _assemble() -> None:
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    repo = here.parent
+    for nb in sorted((repo / "tutorials").glob("*.ipynb")):
+        _sync(nb, here / "tutorials" / nb.name)
+    results = repo / "benchmarks" / "results"
+    out = here / "_benchmarks"
+    out.mkdir(exist_ok=True)
+    for png in results.glob("*.png"):
+        _sync(png, out / png.name)
+    for name, script in (("prediction.md", "prediction.py"), ("domains.md", "domains.py")):
+        if (results / name).is_file():
+            _sync(results / name, out / name)
+        else:
+            text = f"No results yet: run `python benchmarks/{script}` to write `benchmarks/results/{name}`.\n"
+            if not (out / name).is_file() or (out / name).read_text() != text:
+                (out / name).write_text(text)
+
+
+_assemble()
+exclude_patterns.append("_benchmarks")
