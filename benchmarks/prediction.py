@@ -82,7 +82,7 @@ def load_sections(paths: list[Path]) -> list[ad.AnnData]:
         raw.append((lib, a))
     genes = pd.Index(sorted(set().union(*[set(a.var_names) for _, a in raw])))
     out = []
-    for lib, a in raw:
+    for _, a in raw:
         idx = genes.get_indexer(a.var_names)
         x = a.X.tocoo()
         X = sp.csr_matrix((x.data, (x.row, idx[x.col])), shape=(a.n_obs, len(genes)), dtype=np.float32)
@@ -209,7 +209,8 @@ def main() -> None:
     names = [str(a.obs["section"].iloc[0]) for a in secs]
     extract_s = {n: round(add_features(a), 1) for n, a in zip(names, secs, strict=True)}
     print(f"features ({BACKBONE}, sizes {SIZES_UM} um, tta={TTA}): "
-          + ", ".join(f"{n} {a.obsm[FEAT_KEY].shape} extract {extract_s[n]} s" for n, a in zip(names, secs, strict=True)),
+          + ", ".join(f"{n} {a.obsm[FEAT_KEY].shape} extract {extract_s[n]} s"
+                      for n, a in zip(names, secs, strict=True)),
           file=sys.stderr, flush=True)
     logn = {n: lognorm(a) for n, a in zip(names, secs, strict=True)}
     d = 1752  # features per size: the 100 um block = HEST-style spot features
@@ -252,8 +253,8 @@ def main() -> None:
             t_train = time.time() - t
             out = hc.tl.predict_expression(query, model, method="retrieval")
             P = np.asarray(out[:, eval_genes].X, dtype=np.float64)
-            preds[("histoclip retrieval", seed)] = (P, time.time() - t, {"train_s": round(t_train, 1),
-                                                                        "final_loss": float(model.history["loss"].iloc[-1])})
+            info = {"train_s": round(t_train, 1), "final_loss": float(model.history["loss"].iloc[-1])}
+            preds[("histoclip retrieval", seed)] = (P, time.time() - t, info)
             if seed == args.seeds[0]:  # the regression head ignores the contrastive weights: deterministic
                 t = time.time()
                 out = hc.tl.predict_expression(query, model, method="regression")
@@ -266,7 +267,7 @@ def main() -> None:
             r_all = hc.metrics.gene_pearson(yte, P, eval_genes)
             if method == "training mean":  # constant prediction: r undefined, counted as 0 (not rounding noise)
                 r_all[:] = 0.0
-            for gs, genes in sets.items():
+            for gs in sets:
                 r = r_all.iloc[:N_EVAL].to_numpy() if gs == "HEG50" else r_all.iloc[N_EVAL:].to_numpy()
                 row = {"method": method, "section": test, "gene_set": gs, "seed": seed, **summarise(r),
                        "wall_s": round(wall, 2), "n_train_spots": int(len(ytr)), "n_test_spots": int(len(yte)), **info}
@@ -390,7 +391,8 @@ def markdown(table: dict, settings: dict) -> str:
         f"* Features: `hc.tl.image_features`, {f['backbone']}, patches of {f['sizes_um']} um resized to "
         f"{f['patch_px']} px, **tta={f['tta']}** (no flip/rotation averaging), computed once per section and cached "
         "in `benchmarks/cache/`. The HEST-style baselines use only the 100 um block (1752-d).",
-        f"* histoclip retrieval: `HistoCLIP(train, genes=top-1000 training HVG + HEG50 + HVG50, image_features_key=..., "
+        "* histoclip retrieval: `HistoCLIP(train, genes=top-1000 training HVG + HEG50 + HVG50, "
+        f"image_features_key=..., "
         f"{', '.join(f'{k}={v}' for k, v in settings['retrieval']['model'].items())})`, `train("
         f"{', '.join(f'{k}={v}' for k, v in settings['retrieval']['train'].items())}, rng=seed)`, then "
         "`hc.tl.predict_expression(method=\"retrieval\")` (k=50, context=0.5, the model's temperature). Settings "
@@ -410,7 +412,8 @@ def markdown(table: dict, settings: dict) -> str:
         "## Notes",
         "",
         "* Retrieval epochs: 60 instead of the research study's 150, chosen for the CPU budget before any "
-        "full-length result was seen (only a 5-epoch smoke test of fold C2 ran before); not tuned on held-out sections.",
+        "full-length result was seen (only a 5-epoch smoke test of fold C2 ran before); not tuned on held-out "
+        "sections.",
         "* Feature cache of this run: C2 was extracted by `hc.tl.image_features` in this script; C3-C6 were copied "
         "into `benchmarks/cache/` from the research study's extraction of the same crops (same backbone, sizes, "
         "224 px, no TTA), after checking on C2 that the two are bit-identical (max abs difference 0.0). Deleting "
