@@ -41,7 +41,7 @@ def test_domains_methods(trained, method):
     model, adata = trained
     adata = adata.copy()
     hc.tl.embed(adata, model)
-    hc.tl.domains(adata, n_domains=3, method=method, rng=0)
+    hc.tl.domains(adata, n_domains=3, method=method, use_rep="X_histoclip", rng=0)
     dom = adata.obs["histoclip_domain"]
     assert isinstance(dom.dtype, pd.CategoricalDtype)
     assert list(dom.cat.categories) == ["0", "1", "2"]
@@ -63,7 +63,7 @@ def test_domains_errors(trained):
     model, adata = trained
     adata = adata.copy()
     with pytest.raises(KeyError, match="run histoclip.tl.embed"):
-        hc.tl.domains(adata, n_domains=3)
+        hc.tl.domains(adata, n_domains=3, use_rep="X_histoclip")
     adata.obsm["X_histoclip"] = np.zeros((adata.n_obs, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="more than the"):
         hc.tl.domains(adata, n_domains=adata.n_obs + 1)
@@ -91,3 +91,11 @@ def test_spatialdata_end_to_end(toy_sdata):
     table = toy_sdata.tables["table"]
     assert table.obsm["X_histoclip"].shape[0] == table.n_obs
     assert table.obs["histoclip_domain"].nunique() == 3
+
+
+def test_default_domains_use_expression_pca_without_a_model(toy):
+    hc.tl.domains(toy, n_domains=3, rng=0)
+    assert toy.uns["histoclip"]["params"]["domains"]["use_rep"] == "expression_pca"
+    assert hc.metrics.adjusted_rand(toy.obs["domain"], toy.obs["histoclip_domain"]) > 0.8
+    again = hc.tl.domains(toy, n_domains=3, rng=0, use_rep="expression_pca", copy=True)
+    assert (again.obs["histoclip_domain"] == toy.obs["histoclip_domain"]).all()

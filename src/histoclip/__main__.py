@@ -23,8 +23,11 @@ def _demo(args: argparse.Namespace) -> int:
     adata = hc.datasets.dlpfc()
     print(f"Loaded the bundled DLPFC slide 151673: {adata.n_obs} spots x {adata.n_vars} genes", flush=True)
     hc.pp.extract_patches(adata)
-    model = hc.tl.train(adata, max_epochs=args.epochs, rng=args.seed)
+    # the bundled image is Visium's lowres one (a 110 um patch is 9 px), so 16 px inputs lose nothing
+    model = hc.tl.train(adata, max_epochs=args.epochs, rng=args.seed, patch_px=16)
     hc.tl.embed(adata, model)
+    hc.tl.domains(adata, n_domains=7, use_rep=hc.Key.obsm.joint, rng=args.seed, key_added="histoclip_domain_joint")
+    joint = hc.metrics.adjusted_rand(adata.obs["layer"], adata.obs["histoclip_domain_joint"])
     hc.tl.domains(adata, n_domains=7, rng=args.seed)
     scores = hc.metrics.domain_scores(adata.obs["layer"], adata.obs[hc.Key.obs.domain])
     elapsed = time.perf_counter() - t0
@@ -40,10 +43,11 @@ def _demo(args: argparse.Namespace) -> int:
     fig.savefig(png, dpi=130)
     model.save(out / "model", overwrite=True)
     result = {"slide": "DLPFC 151673", "n_domains": 7, "seed": args.seed, "epochs": args.epochs, **scores,
+              "ari_joint_embedding": joint,
               "wall_seconds": round(elapsed, 1), "h5ad": str(h5ad), "figure": str(png)}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print(f"ARI against the manual layers: {scores['ari']:.3f} (NMI {scores['nmi']:.3f}), "
-          f"{elapsed:.0f} s; wrote {h5ad}, {png}")
+    print(f"ARI against the manual layers: {scores['ari']:.3f} (NMI {scores['nmi']:.3f}; clustering the joint "
+          f"contrastive embedding instead: ARI {joint:.3f}), {elapsed:.0f} s; wrote {h5ad}, {png}")
     return 0
 
 
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole pipeline on the bundled DLPFC slide and score its domains")
     demo.add_argument("--outdir", default="histoclip_results", help="folder for the .h5ad, figure and model")
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs")
+    demo.add_argument("--epochs", type=int, default=10, help="training epochs")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)

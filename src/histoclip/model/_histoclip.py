@@ -74,6 +74,15 @@ def _atomic_save_file(tensors: dict, target: Path, metadata: dict[str, str]) -> 
             os.remove(tmp)
 
 
+def _json_default(obj: Any) -> Any:
+    """numpy scalars and arrays (e.g. from parameters read back from .h5ad) as plain JSON values."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
 def _as_list(data) -> list:
     if isinstance(data, list | tuple):
         if not data:
@@ -97,14 +106,16 @@ class HistoCLIP:
         (several sections, each with its own image and scale). Patches must have been computed with
         :func:`histoclip.pp.extract_patches` unless ``image_features_key`` is given.
     genes
-        Genes the model uses; default: the ``n_genes`` most variable genes of the training data.
+        Genes the model uses; default: the ``n_genes`` genes with the highest spatial autocorrelation (Moran's I)
+        in the training data (:func:`histoclip.pp.select_genes`).
     n_genes
-        Number of highly variable genes when ``genes`` is not given.
+        Number of genes when ``genes`` is not given.
     layer
         Layer holding raw counts (default: ``X``).
     spatial_context
-        Give the expression tower the average expression of each spot's ``n_neighbors`` nearest spots next to
-        its own (a sparse k-NN graph within each section).
+        Also contrast each spot's expression embedding with the embedding of its neighbourhood's mean expression
+        (the ``n_neighbors`` nearest spots, a sparse k-NN graph within each section), so the expression embedding
+        stays spatially coherent where the image is a weak signal.
     n_neighbors
         Neighbours in that graph.
     image_backbone
@@ -119,7 +130,7 @@ class HistoCLIP:
         patches.
     patch_px
         Side in pixels of the patches given to the image tower.
-    hidden_dim, latent_dim, dropout, temperature, loss
+    hidden_dim, latent_dim, dropout, temperature, loss, spatial_weight, spatial_temperature
         Network and loss settings (see :class:`histoclip.module.HistoclipModule`).
     library_key, library_id, table_key, image_key, shapes_key, coordinate_system
         How to find the spots and images (see :func:`histoclip.pp.extract_patches`).
@@ -130,7 +141,7 @@ class HistoCLIP:
         data: AnnData | SpatialData | Sequence[AnnData],
         *,
         genes: Sequence[str] | None = None,
-        n_genes: int = 3000,
+        n_genes: int = 2000,
         layer: str | None = None,
         spatial_context: bool = True,
         n_neighbors: int = 6,
@@ -144,6 +155,8 @@ class HistoCLIP:
         dropout: float = 0.1,
         temperature: float = 0.1,
         loss: Literal["clip", "pml"] = "clip",
+        spatial_weight: float = 1.0,
+        spatial_temperature: float = 0.5,
         library_key: str | None = None,
         library_id: str | None = None,
         table_key: str = "table",
@@ -172,6 +185,8 @@ class HistoCLIP:
             "dropout": dropout,
             "temperature": temperature,
             "loss": loss,
+            "spatial_weight": spatial_weight,
+            "spatial_temperature": spatial_temperature,
         }
         self.setup_params: dict[str, Any] = {
             "library_key": library_key,
@@ -185,7 +200,7 @@ class HistoCLIP:
         sections = [self._section(d, need_counts=True) for d in self._data]  # validates everything first
         tables = [s.spots.adata for s in sections]
         if genes is None:
-            genes = self._pick_genes(tables, n_genes, layer)
+            genes = self._pick_genes(sections, n_genes, layer)
         self.genes = [str(g) for g in genes]
         if not self.genes:
             raise ValueError("No genes to train on.")
@@ -209,23 +224,35 @@ class HistoCLIP:
 
     # ---------------------------------------------------------------------------------------------- setup
     @staticmethod
-    def _pick_genes(tables: list[AnnData], n_genes: int, layer: str | None) -> list[str]:
+    def _pick_genes(sections: list[_Section], n_genes: int, layer: str | None) -> list[str]:
+        """Moran's I genes over all training sections (coordinates from each section's own image frame)."""
+        import anndata as ad
+
+        tables = [s.spots.adata for s in sections]
         common = tables[0].var_names
         for t in tables[1:]:
             common = common.intersection(t.var_names, sort=False)
         if len(common) == 0:
             raise ValueError("The training sections share no gene names.")
-        if len(tables) == 1:
-            return select_genes(tables[0], n_genes, layer=layer)
-        import anndata as ad
-
-        merged = ad.concat([AnnData(X=(t[:, common].layers[layer] if layer else t[:, common].X)) for t in tables])
+        parts = []
+        for i, s in enumerate(sections):
+            t = s.spots.adata[:, common]
+            part = AnnData(X=t.layers[layer] if layer else t.X)
+            part.obsm["spatial"] = s.spots.coords()
+            part.obs["library"] = [f"{i}/{lib}" for lib in s.spots.library_labels()]
+            parts.append(part)
+        merged = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
         merged.var_names = common
-        return select_genes(merged, n_genes)
+        return select_genes(merged, n_genes, library_key="library")
 
     def _patch_settings(self, adata: AnnData) -> dict[str, Any]:
-        rec = adata.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {})
-        return {"size_um": float(rec["size_um"])} if "size_um" in rec else {}
+        params = adata.uns.get(Key.uns.histoclip, {}).get("params", {})
+        rec = params.get("patches", {})
+        out: dict[str, Any] = {"size_um": float(rec["size_um"])} if "size_um" in rec else {}
+        feats = params.get("image_features", {})
+        if feats and feats.get("key_added") == self.init_params.get("image_features_key"):
+            out["image_features"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in feats.items()}
+        return out
 
     def _section(self, data, *, need_counts: bool) -> _Section:
         sp = self.setup_params
@@ -274,13 +301,17 @@ class HistoCLIP:
         return None
 
     def _expression_inputs(self, x: np.ndarray, section: _Section) -> np.ndarray:
-        z = (x - self.gene_mean) / self.gene_std
+        """Standardised log expression of the model's genes (what the expression tower embeds)."""
+        return ((x - self.gene_mean) / self.gene_std).astype(np.float32)
+
+    def _training_inputs(self, z: np.ndarray, section: _Section) -> np.ndarray:
+        """With spatial context, each spot's inputs next to its neighbourhood's mean (the second positive pair)."""
         if self.init_params["spatial_context"]:
-            z = np.concatenate([z, section.graph @ z], axis=1)
-        return z.astype(np.float32)
+            return np.concatenate([z, section.graph @ z], axis=1).astype(np.float32)
+        return z
 
     def _n_inputs(self) -> int:
-        return len(self.genes) * (2 if self.init_params["spatial_context"] else 1)
+        return len(self.genes)
 
     def _build_module(self, seed: int) -> HistoclipModule:
         p = self.init_params
@@ -297,6 +328,8 @@ class HistoCLIP:
                 dropout=p["dropout"],
                 temperature=p["temperature"],
                 loss=p["loss"],
+                spatial_weight=p.get("spatial_weight", 1.0),
+                spatial_temperature=p.get("spatial_temperature", 0.5),
             )
 
     # ---------------------------------------------------------------------------------------------- training
@@ -363,7 +396,8 @@ class HistoCLIP:
         if not self.is_trained:
             self.module = self._build_module(seed)
         dataset = ConcatDataset([
-            PatchDataset(s.reader, x, s.features) for s, x in zip(self._sections, self._train_inputs, strict=True)
+            PatchDataset(s.reader, self._training_inputs(x, s), s.features)
+            for s, x in zip(self._sections, self._train_inputs, strict=True)
         ])
         start = int(self.history["epoch"].max()) if len(self.history) else 0
         base_history, new_rows = self.history, []
@@ -522,7 +556,7 @@ class HistoCLIP:
         fd, tmp = tempfile.mkstemp(dir=dir_path, prefix=".model-", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"histoclip": json.dumps(self._metadata())})
+            save_file(tensors, tmp, metadata={"histoclip": json.dumps(self._metadata(), default=_json_default)})
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

@@ -30,6 +30,8 @@ class HistoclipModule(nn.Module):
     loss
         ``"clip"`` (cross-entropy on the B x B similarity matrix) or ``"pml"`` (pytorch-metric-learning's
         NTXentLoss; same values, slower).
+    spatial_weight, spatial_temperature
+        Weight and temperature of the expression-to-neighbourhood InfoNCE term (see :meth:`forward`).
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class HistoclipModule(nn.Module):
         dropout: float = 0.1,
         temperature: float = 0.1,
         loss: str = "clip",
+        spatial_weight: float = 1.0,
+        spatial_temperature: float = 0.5,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -59,6 +63,9 @@ class HistoclipModule(nn.Module):
         self.expression_head = ProjectionHead(hidden_dim // 2, latent_dim, dropout)
         self.temperature = float(temperature)
         self.loss_name = loss
+        self.n_inputs = int(n_inputs)
+        self.spatial_weight = float(spatial_weight)
+        self.spatial_temperature = float(spatial_temperature)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embedding ``(B, latent_dim)``."""
@@ -69,5 +76,20 @@ class HistoclipModule(nn.Module):
         return F.normalize(self.expression_head(self.expression_encoder(e)).float(), dim=-1)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> LossOutput:
+        """Contrastive loss of a batch of patches ``x`` and expression inputs ``e``.
+
+        ``e`` is ``(B, n_inputs)``, or ``(B, 2 * n_inputs)`` holding each spot's own expression and the mean of its
+        spatial neighbours': then the expression embedding of a spot must also pick out its neighbourhood's among
+        the batch (a second InfoNCE term, weight ``spatial_weight``, temperature ``spatial_temperature``), which
+        keeps the expression embedding spatially coherent where the image is a weak signal.
+        """
         fn = clip_loss if self.loss_name == "clip" else pml_clip_loss
-        return fn(self.encode_image(x), self.encode_expression(e), self.temperature)
+        own = e[:, : self.n_inputs]
+        z_expr = self.encode_expression(own)
+        out = fn(self.encode_image(x), z_expr, self.temperature)
+        if e.shape[1] == 2 * self.n_inputs and self.spatial_weight > 0:
+            z_nbr = self.encode_expression(e[:, self.n_inputs :])
+            sp = fn(z_expr, z_nbr, self.spatial_temperature)
+            out = LossOutput(out.loss + self.spatial_weight * sp.loss, out.image_to_expression,
+                             out.expression_to_image, sp.loss.detach())
+        return out

@@ -212,6 +212,7 @@ def fit(
             raise
         finally:
             bar.close()
+            module.to(memory_format=torch.contiguous_format)  # saved/loaded weights then run the same kernels
     module.eval()
     history = pd.DataFrame(rows, columns=["epoch", "loss", "image_to_expression", "expression_to_image", "lr",
                                           "seconds"])
