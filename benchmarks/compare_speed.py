@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -72,7 +71,7 @@ def histoclip_default(adata, epochs: int) -> dict:
         "seconds": t_extract + t_train_30 + t_embed + t_domains,
         "parts": {"extract": t_extract, "train_30_epochs": t_train_30, "seconds_per_epoch": per_epoch,
                   "embed": t_embed, "domains": t_domains},
-        "measured": f"{epochs} epochs measured" + ("" if epochs == 30 else f", training extrapolated to 30"),
+        "measured": f"{epochs} epochs measured" + ("" if epochs == 30 else ", training extrapolated to 30"),
         "ari_vs_manual_layers": float(adjusted_rand(adata.obs["layer"][ok], adata.obs["histoclip_domain"][ok]))
         if epochs == 30 else None,
     }

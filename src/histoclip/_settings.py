@@ -32,6 +32,7 @@ class HistoclipSettings:
         Folder for decoded full-resolution images kept on disk as memory maps (``$HISTOCLIP_CACHE`` if set).
     progress
         Show a progress bar during training.
+
     """
 
     def __init__(self) -> None:

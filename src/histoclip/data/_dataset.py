@@ -27,6 +27,7 @@ class PatchReader:
         whole (:class:`~histoclip.io.ImageSource` reads just the boxes asked for). Its pages are allocated lazily
         as patches are read, and it is not copied into pickles (DataLoader workers, spawned processes): each
         process fills its own.
+
     """
 
     CACHE_BYTES = 512 * 2**20
@@ -92,6 +93,7 @@ class PatchDataset(Dataset):
         ``(n_obs, n_inputs)`` float32 inputs of the expression encoder, or ``None`` (image-only queries).
     features
         ``(n_obs, d)`` precomputed image features used instead of patches.
+
     """
 
     def __init__(

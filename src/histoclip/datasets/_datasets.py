@@ -22,6 +22,7 @@ def dlpfc() -> AnnData:
     Returns
     -------
     A new AnnData each call.
+
     """
     path = files("histoclip.datasets") / "_data" / "dlpfc_151673.h5ad"
     return ad.read_h5ad(str(path))
@@ -58,6 +59,7 @@ def toy(
     Returns
     -------
     AnnData with counts in ``X``, ``obsm["spatial"]``, ``uns["spatial"]["toy"]`` and ``obs["domain"]``.
+
     """
     seed = resolve_seed(rng)
     gen = np.random.default_rng(seed)

@@ -79,6 +79,7 @@ def her2st(section: str = "C2", *, path: str | Path | None = None) -> AnnData:
     pixels, ``uns["spatial"][section]`` with a ``hires`` image (longest side 2000 px), scale factors
     (``spot_diameter_fullres``: half the 200 um array step in pixels), ``metadata["fullres_image"]`` (the cached JPEG,
     used with ``img_key="fullres"``) and ``metadata["spot_diameter_um"] = 100``, and ``obs["section"]``.
+
     """
     if section not in SECTIONS:
         raise ValueError(f"section must be one of {list(SECTIONS)}, got {section!r}.")

@@ -42,6 +42,7 @@ class ImageSource:
         ``"yxc"`` (height, width, channels), ``"cyx"`` (SpatialData images) or ``"yx"`` (grayscale).
     name
         A label used in messages.
+
     """
 
     def __init__(self, array: Any, layout: Literal["yxc", "cyx", "yx"] = "yxc", name: str = "image") -> None:

@@ -286,6 +286,7 @@ def set_fullres_image(adata: AnnData, path: str | Path, *, library_id: str | Non
     Returns
     -------
     Nothing; sets ``adata.uns["spatial"][library_id]["metadata"]["fullres_image"]`` to the absolute path.
+
     """
     path = Path(path)
     if not path.is_file():

@@ -14,10 +14,10 @@ import torch
 from anndata import AnnData
 from torch.utils.data import ConcatDataset, DataLoader
 
-from .._version import __version__
 from .._constants import Key
 from .._settings import logger, settings
 from .._utils import RNGLike, resolve_seed
+from .._version import __version__
 from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, resolve
 from ..module import HistoclipModule
@@ -75,7 +75,7 @@ def _atomic_save_file(tensors: dict, target: Path, metadata: dict[str, str]) -> 
 
 
 def _json_default(obj: Any) -> Any:
-    """numpy scalars and arrays (e.g. from parameters read back from .h5ad) as plain JSON values."""
+    """Numpy scalars and arrays (e.g. from parameters read back from .h5ad) as plain JSON values."""
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):
@@ -134,6 +134,7 @@ class HistoCLIP:
         Network and loss settings (see :class:`histoclip.module.HistoclipModule`).
     library_key, library_id, table_key, image_key, shapes_key, coordinate_system
         How to find the spots and images (see :func:`histoclip.pp.extract_patches`).
+
     """
 
     def __init__(
@@ -386,6 +387,7 @@ class HistoCLIP:
         Returns
         -------
         The model itself; ``model.history`` gains one row per epoch.
+
         """
         if max_epochs < 0:
             raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
@@ -497,6 +499,7 @@ class HistoCLIP:
         Returns
         -------
         float32 array of shape ``(n_obs, latent_dim)`` (``2 * latent_dim`` for ``"joint"``).
+
         """
         if modality not in ("joint", "image", "expression"):
             raise ValueError(f"modality must be 'joint', 'image' or 'expression', got {modality!r}.")
@@ -642,6 +645,7 @@ class HistoCLIP:
             patches must have the model's physical size. Optional for image-only use.
         accelerator
             Device to map the weights to.
+
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open

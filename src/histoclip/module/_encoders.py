@@ -146,6 +146,7 @@ class ImageEncoder(nn.Module):
         Path to torchvision weights for a ResNet backbone.
     freeze
         Keep the backbone's weights fixed (only the heads train).
+
     """
 
     def __init__(

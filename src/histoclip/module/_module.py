@@ -32,6 +32,7 @@ class HistoclipModule(nn.Module):
         NTXentLoss; same values, slower).
     spatial_weight, spatial_temperature
         Weight and temperature of the expression-to-neighbourhood InfoNCE term (see :meth:`forward`).
+
     """
 
     def __init__(

@@ -9,8 +9,8 @@ from matplotlib.figure import Figure
 
 from .._constants import Key
 from ..io._slide import resolve
-from ..pp._patches import _spot_um
 from ..pp._genes import counts_matrix, log_normalize
+from ..pp._patches import _spot_um
 from ._utils import draw_slide
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def domain_genes(
     Returns
     -------
     The :class:`matplotlib.figure.Figure`.
+
     """
     if key not in adata.uns:
         raise KeyError(f"adata.uns[{key!r}] not found; run histoclip.tl.domain_genes(adata) first.")

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -71,6 +70,7 @@ def domains(
     Returns
     -------
     The :class:`matplotlib.axes.Axes`.
+
     """
     spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
                     spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
@@ -131,6 +131,7 @@ def embedding(
     Returns
     -------
     The :class:`matplotlib.axes.Axes`.
+
     """
     import anndata as ad
     import scanpy as sc
@@ -175,6 +176,7 @@ def loss(model: HistoCLIP, *, ax: Axes | None = None, save: str | Path | None = 
     Returns
     -------
     The :class:`matplotlib.axes.Axes`.
+
     """
     hist = pd.DataFrame(model.history)
     if hist.empty:

@@ -66,6 +66,7 @@ def predicted_expression(
     Returns
     -------
     The :class:`matplotlib.figure.Figure`; each row carries the gene's Pearson r in its title.
+
     """
     genes = list(genes)
     if not genes:
@@ -114,6 +115,7 @@ def gene_correlation(
     Returns
     -------
     The :class:`matplotlib.axes.Axes`.
+
     """
     series = {"r": pd.Series(r)} if isinstance(r, pd.Series) else {k: pd.Series(v) for k, v in dict(r).items()}
     if not series or all(s.empty for s in series.values()):

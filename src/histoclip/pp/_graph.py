@@ -83,6 +83,7 @@ def spatial_neighbors(
     -------
     ``None`` or a copy; sets ``adata.obsp[f"{key_added}_connectivities"]``, a symmetric binary
     ``scipy.sparse.csr_matrix`` of shape ``(n_obs, n_obs)``.
+
     """
     if n_neighbors < 1:
         raise ValueError(f"n_neighbors must be at least 1, got {n_neighbors}.")

@@ -132,6 +132,7 @@ def extract_patches(
     - ``obsm["histoclip_patch_box"]``: ``(n_obs, 4)`` int64, ``[x0, y0, x1, y1)`` in pixels of the image used.
     - ``uns["histoclip"]["params"]["patches"]``: size in microns and pixels per library, image keys, microns per
       pixel, and the keys needed to find the image again.
+
     """
     if copy and not hasattr(data, "obsm"):
         raise ValueError("copy=True is only supported for AnnData input.")

@@ -73,6 +73,7 @@ def tile_grid(
     A new AnnData with one row per tile: ``obsm["spatial"]`` (full-resolution pixels), ``obs["array_row"]``,
     ``obs["array_col"]``, ``obs["tissue_fraction"]``, a copy of ``uns["spatial"][library_id]``, and
     ``uns["histoclip"]["params"]["tile_grid"]``.
+
     """
     from anndata import AnnData
 

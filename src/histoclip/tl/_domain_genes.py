@@ -81,6 +81,7 @@ def domain_genes(
     ``None`` or a copy. Sets ``adata.uns["histoclip_domain_genes"]``: a :class:`pandas.DataFrame` with one row per
     (domain, gene): ``domain``, ``rank`` (1 = strongest), ``gene``, ``score``, ``logfoldchange``, ``pval_adj``,
     ``morans_i``, ``frac_in_domain``, ``frac_elsewhere``; and ``uns["histoclip"]["params"]["domain_genes"]``.
+
     """
     import anndata as ad
     import scanpy as sc

@@ -198,6 +198,7 @@ def domains(
 
     - ``obs["histoclip_domain"]``: categorical of strings ``"0"``, ``"1"``, ..., ordered by decreasing size.
     - ``uns["histoclip"]["params"]["domains"]``: every parameter and the seed used.
+
     """
     seed = resolve_seed(rng)
     spots = resolve(data, library_key=library_key, table_key=table_key, need_image=False)

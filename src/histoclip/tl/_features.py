@@ -82,6 +82,7 @@ def image_features(
     -------
     ``None`` or a copy. Sets ``obsm["X_histoclip_features"]``: float32 ``(n_obs, out_dim * len(sizes_um))`` and
     ``uns["histoclip"]["params"]["image_features"]``.
+
     """
     from ..module._pretrained import FrozenBackbone
     from ..pp._patches import _spot_um

@@ -9,7 +9,6 @@ from anndata import AnnData
 from .._constants import Key
 from .._settings import logger
 from .._utils import timed, write_results
-from ..pp._genes import expression_matrix
 from ..model import HistoCLIP
 from ..model._predict import (
     _context,
@@ -20,6 +19,7 @@ from ..model._predict import (
     reference_bank,
     retrieve,
 )
+from ..pp._genes import expression_matrix
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -101,6 +101,7 @@ def predict_expression(
     column per model gene (``X``: the predictions), the query's ``obs``, ``obsm["spatial"]`` and ``uns["spatial"]``,
     so :func:`histoclip.pl.predicted_expression` and scanpy work on it. Either way
     ``uns["histoclip"]["params"]["predict_expression"]`` records the settings.
+
     """
     if method not in ("retrieval", "regression"):
         raise ValueError(f"method must be 'retrieval' or 'regression', got {method!r}.")

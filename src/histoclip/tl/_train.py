@@ -42,6 +42,7 @@ def train(
     -------
     The trained :class:`~histoclip.model.HistoCLIP`; ``data`` is not modified. Use :func:`histoclip.tl.embed`
     to write the embeddings.
+
     """
     seed = resolve_seed(rng)
     with timed("train"):
@@ -85,6 +86,7 @@ def embed(
     - ``obsm["X_histoclip_image"]``: image embedding (L2-normalised).
     - ``obsm["X_histoclip_expression"]``: expression embedding (L2-normalised).
     - ``uns["histoclip"]["params"]["embed"]``: the model's settings and training parameters.
+
     """
     if modality not in ("all", "image"):
         raise ValueError(f"modality must be 'all' or 'image', got {modality!r}.")
