@@ -19,15 +19,9 @@ def morans_i(x: np.ndarray, graph) -> np.ndarray:
     """Moran's I of each column of ``x`` on a sparse, row-normalised spatial weight matrix (squidpy's definition)."""
     import scipy.sparse as sp
 
-    w = sp.csr_matrix(graph, dtype=np.float64)
-    deg = np.asarray(w.sum(axis=1)).ravel()
-    deg[deg == 0] = 1
-    w = sp.diags(1 / deg) @ w
-    z = x - x.mean(axis=0)
-    num = (z * (w @ z)).sum(axis=0)
-    den = (z**2).sum(axis=0)
-    n, s0 = x.shape[0], w.sum()
-    return np.divide(n / s0 * num, den, out=np.zeros(x.shape[1]), where=den > 0)
+    from ..pp._genes import _morans_i_sparse
+
+    return _morans_i_sparse(sp.csr_matrix(np.asarray(x, dtype=np.float64)), graph)
 
 
 def domain_genes(
