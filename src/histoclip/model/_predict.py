@@ -23,10 +23,6 @@ def _context(z: np.ndarray, section: _Section, weight: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _unit(z: np.ndarray) -> np.ndarray:
-    return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def reference_bank(model: HistoCLIP, batch_size: int = 512) -> dict[str, np.ndarray]:
     """Expression embeddings, image embeddings and log-normalised expression of the training spots."""
     if not model._sections:
