@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -93,6 +94,10 @@ class PatchDataset(Dataset):
         ``(n_obs, n_inputs)`` float32 inputs of the expression encoder, or ``None`` (image-only queries).
     features
         ``(n_obs, d)`` precomputed image features used instead of patches.
+    context
+        Optional ``(n_obs, n_obs)`` sparse, row-normalised neighbour graph. Each item's expression is then
+        ``[expression[i], context[i] @ expression]`` (``2 * n_inputs`` values), computed when the item is read, so
+        the neighbourhood means are never stored as a second dense matrix.
 
     """
 
@@ -101,6 +106,8 @@ class PatchDataset(Dataset):
         reader: PatchReader | None,
         expression: np.ndarray | None = None,
         features: np.ndarray | None = None,
+        *,
+        context: sp.spmatrix | None = None,
     ) -> None:
         if reader is None and features is None:
             raise ValueError("PatchDataset needs patches (a PatchReader) or precomputed image features.")
@@ -110,6 +117,13 @@ class PatchDataset(Dataset):
         self.reader = reader
         self.expression = None if expression is None else np.ascontiguousarray(expression, dtype=np.float32)
         self.features = None if features is None else np.ascontiguousarray(features, dtype=np.float32)
+        self.context = None
+        if context is not None:
+            if self.expression is None:
+                raise ValueError("PatchDataset: context needs expression inputs to average.")
+            if context.shape != (n, n):
+                raise ValueError(f"context must be an ({n}, {n}) graph, got shape {context.shape}.")
+            self.context = sp.csr_matrix(context, dtype=np.float32)
         self.n = n
 
     def __len__(self) -> int:
@@ -120,5 +134,13 @@ class PatchDataset(Dataset):
             img = torch.from_numpy(self.features[i])
         else:
             img = torch.from_numpy(self.reader(i)).permute(2, 0, 1).contiguous()  # uint8 (3, p, p)
-        expr = torch.from_numpy(self.expression[i]) if self.expression is not None else torch.zeros(0)
+        if self.expression is None:
+            expr = torch.zeros(0)
+        elif self.context is None:
+            expr = torch.from_numpy(self.expression[i])
+        else:
+            g = self.context
+            lo, hi = g.indptr[i], g.indptr[i + 1]
+            nbr = g.data[lo:hi] @ self.expression[g.indices[lo:hi]] if hi > lo else np.zeros_like(self.expression[i])
+            expr = torch.from_numpy(np.concatenate([self.expression[i], nbr.astype(np.float32, copy=False)]))
         return img, expr, i

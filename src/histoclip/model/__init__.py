@@ -1,5 +1,5 @@
 """The user-facing model class."""
 
-from ._histoclip import HistoCLIP
+from ._histoclip import HistoCLIP, default_max_epochs
 
-__all__ = ["HistoCLIP"]
+__all__ = ["HistoCLIP", "default_max_epochs"]

@@ -91,6 +91,38 @@ def _as_list(data) -> list:
     return [data]
 
 
+def default_max_epochs(n_obs: int) -> int:
+    """Epochs for ``n_obs`` training spots: ``round(120_000 / n_obs)`` clipped to [1, 30].
+
+    30 epochs up to 4,000 spots (one Visium slide: ~470 steps at batch 256), 12 at 10,000, 1 from about 80,000 on:
+    the number of optimisation steps stays roughly constant, so training time grows linearly with the data
+    instead of with data x epochs.
+    """
+    return int(min(30, max(1, round(120_000 / max(int(n_obs), 1)))))
+
+
+def _column_moments(xs: list[np.ndarray], chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (floored at 1e-3) over the rows of several arrays, in float64 chunks.
+
+    Streams over row blocks instead of stacking the sections, so memory stays at one block.
+    """
+    n = sum(x.shape[0] for x in xs)
+    if n == 0:
+        raise ValueError("No training spots.")
+    total = np.zeros(xs[0].shape[1], dtype=np.float64)
+    for x in xs:
+        for i in range(0, x.shape[0], chunk):
+            total += x[i : i + chunk].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    sq = np.zeros_like(mean)
+    for x in xs:
+        for i in range(0, x.shape[0], chunk):
+            d = x[i : i + chunk].astype(np.float64) - mean
+            sq += np.einsum("ij,ij->j", d, d)
+    std = np.maximum(np.sqrt(sq / n), 1e-3)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 class HistoCLIP:
     """A contrastive image-expression model of spatial transcriptomics slides.
 
@@ -206,10 +238,9 @@ class HistoCLIP:
         if not self.genes:
             raise ValueError("No genes to train on.")
         xs = [expression_matrix(t, self.genes, layer=layer) for t in tables]
-        stacked = np.concatenate(xs, axis=0)
-        self.gene_mean = stacked.mean(axis=0).astype(np.float32)
-        self.gene_std = np.maximum(stacked.std(axis=0), 1e-3).astype(np.float32)
+        self.gene_mean, self.gene_std = _column_moments(xs)
         self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, sections, strict=True)]
+        del xs  # standardised in place: one (n_obs, n_genes) float32 copy of the expression is held, not several
         self._sections = sections
         feat_dim = sections[0].features.shape[1] if image_features_key is not None else None
         self.init_params["image_in_features"] = feat_dim
@@ -302,14 +333,15 @@ class HistoCLIP:
         return None
 
     def _expression_inputs(self, x: np.ndarray, section: _Section) -> np.ndarray:
-        """Standardised log expression of the model's genes (what the expression tower embeds)."""
-        return ((x - self.gene_mean) / self.gene_std).astype(np.float32)
+        """Standardised log expression of the model's genes (what the expression tower embeds).
 
-    def _training_inputs(self, z: np.ndarray, section: _Section) -> np.ndarray:
-        """With spatial context, each spot's inputs next to its neighbourhood's mean (the second positive pair)."""
-        if self.init_params["spatial_context"]:
-            return np.concatenate([z, section.graph @ z], axis=1).astype(np.float32)
-        return z
+        ``x`` is a float32 array this call may overwrite (:func:`expression_matrix` returns a fresh one): it is
+        standardised in place, so a 100k-spot slide does not hold a second dense copy.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        x -= self.gene_mean
+        x /= self.gene_std
+        return x
 
     def _n_inputs(self) -> int:
         return len(self.genes)
@@ -336,7 +368,7 @@ class HistoCLIP:
     # ---------------------------------------------------------------------------------------------- training
     def train(
         self,
-        max_epochs: int = 30,
+        max_epochs: int | None = None,
         *,
         batch_size: int = 256,
         lr: float = 1e-3,
@@ -355,7 +387,9 @@ class HistoCLIP:
         Parameters
         ----------
         max_epochs
-            Passes over the training spots.
+            Passes over the training spots. Default (``None``): :func:`~histoclip.model.default_max_epochs` of the number of
+            training spots, 30 for a Visium slide (up to 4,000 spots) and fewer for larger data, so that every
+            slide gets about the same number of optimisation steps (the heuristic of scvi-tools' models).
         batch_size
             Spots per batch; every other spot of the batch is a negative for the contrastive loss.
         lr, weight_decay
@@ -389,6 +423,8 @@ class HistoCLIP:
         The model itself; ``model.history`` gains one row per epoch.
 
         """
+        if max_epochs is None:
+            max_epochs = default_max_epochs(sum(s.spots.n_obs for s in self._sections))
         if max_epochs < 0:
             raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
         seed = resolve_seed(rng)
@@ -398,7 +434,9 @@ class HistoCLIP:
         if not self.is_trained:
             self.module = self._build_module(seed)
         dataset = ConcatDataset([
-            PatchDataset(s.reader, self._training_inputs(x, s), s.features)
+            # with spatial context each item is [own inputs, neighbourhood mean], built per item from the sparse
+            # graph: the (n_obs, 2 * n_genes) matrix is never materialised
+            PatchDataset(s.reader, x, s.features, context=s.graph if self.init_params["spatial_context"] else None)
             for s, x in zip(self._sections, self._train_inputs, strict=True)
         ])
         start = int(self.history["epoch"].max()) if len(self.history) else 0

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def train(
     data: AnnData | SpatialData | Sequence[AnnData],
     *,
-    max_epochs: int = 30,
+    max_epochs: int | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     accelerator: str = "auto",
