@@ -115,3 +115,36 @@ def test_nan_loss_is_reported(toy_patched):
     m = HistoCLIP(toy_patched, n_genes=20)
     with pytest.raises(FloatingPointError, match=r"became nan at epoch \d+, step \d+. Lower lr"):
         m.train(5, lr=1e30, batch_size=32, accelerator="cpu")
+
+
+def test_spatial_context_items_match_dense_neighbour_means(toy_patched):
+    from histoclip.data import PatchDataset
+    from histoclip.model._histoclip import _column_moments
+
+    model = HistoCLIP(toy_patched, n_genes=30)
+    section, z = model._sections[0], model._train_inputs[0]
+    ds = PatchDataset(section.reader, z, None, context=section.graph)
+    dense = np.concatenate([z, section.graph @ z], axis=1)
+    for i in (0, 7, toy_patched.n_obs - 1):
+        np.testing.assert_allclose(ds[i][1].numpy(), dense[i], rtol=1e-5, atol=1e-6)
+    # the standardised inputs have zero mean and unit sd per gene (moments streamed in blocks)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-4)
+    blocks = [np.random.default_rng(0).normal(3, 2, size=(n, 4)).astype(np.float32) for n in (5, 11)]
+    mean, std = _column_moments(blocks, chunk=3)
+    stacked = np.concatenate(blocks)
+    np.testing.assert_allclose(mean, stacked.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(std, stacked.std(axis=0), rtol=1e-5)
+    with pytest.raises(ValueError, match="context"):
+        PatchDataset(section.reader, None, None, context=section.graph)
+
+
+def test_default_epochs_keep_steps_roughly_constant(toy_patched):
+    from histoclip.model import default_max_epochs
+
+    assert default_max_epochs(3639) == 30
+    assert default_max_epochs(10_000) == 12
+    assert default_max_epochs(100_000) == 1
+    assert default_max_epochs(0) == 30
+    model = HistoCLIP(toy_patched, n_genes=20).train(rng=0)  # toy: few spots -> the 30-epoch cap
+    assert model.train_params["max_epochs"] == default_max_epochs(toy_patched.n_obs) == 30
+    assert len(model.history) == 30
