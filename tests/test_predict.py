@@ -60,3 +60,21 @@ def test_predict_errors_leave_query_untouched(two_sections_model, query):
     with pytest.raises(KeyError, match="extract_patches"):
         hc.tl.predict_expression(query, two_sections_model)
     assert (set(query.obsm) | {"histoclip_patch_box"}, set(query.layers), set(query.uns)) == before
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_retrieve_is_the_softmax_weighted_mean_of_the_k_nearest(chunk):
+    from histoclip.model._predict import retrieve
+
+    gen = np.random.default_rng(0)
+    bank = {"expression_embedding": gen.normal(size=(60, 8)).astype(np.float32),
+            "expression": gen.random((60, 5)).astype(np.float32)}
+    q = gen.normal(size=(23, 8)).astype(np.float32)
+    got = retrieve(q, bank, k=4, temperature=0.5, chunk=chunk)
+    sim = q @ bank["expression_embedding"].T
+    want = np.zeros((23, 5))
+    for i in range(23):
+        top = np.argsort(-sim[i])[:4]
+        w = np.exp(sim[i, top] / 0.5)
+        want[i] = (w / w.sum()) @ bank["expression"][top]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -36,29 +36,41 @@ def reference_bank(model: HistoCLIP, batch_size: int = 512) -> dict[str, np.ndar
         img.append(model._embed(section, None, "image", batch_size))
         expr.append(expression_matrix(section.spots.adata, model.genes, layer=model.init_params["layer"]))
     bank = {"expression_embedding": np.concatenate(emb), "image_embedding": np.concatenate(img),
-            "expression": np.concatenate(expr).astype(np.float32)}
+            "expression": expr[0] if len(expr) == 1 else np.concatenate(expr)}
     logger.info("Reference bank: %d training spots", bank["expression"].shape[0])
     return bank
 
 
+CHUNK_BYTES = 128 * 2**20
+
+
 def retrieve(query_img: np.ndarray, bank: dict[str, np.ndarray], k: int, temperature: float,
-             chunk: int = 2048) -> np.ndarray:
+             chunk: int | None = None) -> np.ndarray:
     """BLEEP retrieval: softmax(similarity / T)-weighted mean expression of the k most similar reference spots.
 
     Similarities are between the query's image embedding and the reference spots' expression embeddings
-    (the contrastive space); queries are processed in chunks, so memory is ``chunk x n_reference``.
+    (the contrastive space). Queries are processed in chunks (default: as many as keep the chunk's similarity
+    block and its weighted-sum operands near ``CHUNK_BYTES``, 128 MiB), so memory does not grow with the query;
+    time is ``n_query x n_reference`` (exact search).
     """
+    import scipy.sparse as sp
+
     ref = bank["expression_embedding"]
     expr = bank["expression"]
     k = int(min(k, ref.shape[0]))
+    if chunk is None:
+        chunk = int(np.clip(CHUNK_BYTES // (4 * max(ref.shape[0], k * 3)), 16, 4096))
     out = np.zeros((query_img.shape[0], expr.shape[1]), dtype=np.float32)
     for s in range(0, query_img.shape[0], chunk):
         sim = query_img[s : s + chunk] @ ref.T
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        top = np.argpartition(sim, sim.shape[1] - k, axis=1)[:, -k:]
         ts = np.take_along_axis(sim, top, axis=1) / temperature
         w = np.exp(ts - ts.max(axis=1, keepdims=True))
         w /= w.sum(axis=1, keepdims=True)
-        out[s : s + chunk] = np.einsum("qk,qkg->qg", w, expr[top])
+        # (chunk x n_ref) sparse weights times the reference expression: no (chunk, k, n_genes) gather
+        rows = np.repeat(np.arange(w.shape[0]), k)
+        weights = sp.csr_matrix((w.ravel(), (rows, top.ravel())), shape=(w.shape[0], ref.shape[0]))
+        out[s : s + chunk] = weights @ expr
     return out
 
 
