@@ -20,9 +20,10 @@ Methods (same folds, same features):
   * ``kNN``  k-nearest-neighbour regression on the same spot features (cosine on 50 PCs, k by inner CV).
   * ``training mean``  every spot gets the training mean: r undefined, reported as 0.
 
-Image features: ``hc.tl.image_features`` (EfficientNet-Lite0, ImageNet weights, 1752-d per patch) at 100, 200, 300
-and 600 um (tta=False), computed once per section from the full-resolution JPG and cached in benchmarks/cache/.
-The HEST-style spot features are the 100 um block of the same array.
+Image features: ``hc.tl.image_features`` with two frozen ImageNet backbones, EfficientNet-Lite0 (1752-d per patch)
+and EfficientNet-Lite2 (1800-d), at 100, 200, 300, 600, 900 and 1200 um (tta=False), computed once per section from
+the full-resolution JPG and cached in benchmarks/cache/. The HEST-style spot features are the Lite0 100 um block of
+the same array (the first 1752 columns).
 Writes benchmarks/results/prediction.json, prediction.md and prediction_<section>.png.
 """
 
@@ -55,9 +56,10 @@ DATA = REPO.parent / "shared" / "data" / "her2st"
 DEFAULT = [DATA / f"HER2ST_C{i}.h5ad" for i in range(2, 7)]
 CACHE = HERE / "cache"
 RESULTS = HERE / "results"
-SIZES_UM = (100, 200, 300, 600)
+SIZES_UM = (100, 200, 300, 600, 900, 1200)
 TTA = False
-BACKBONE = "efficientnet-lite0"
+BACKBONE = ("efficientnet-lite0", "efficientnet-lite2")
+BACKBONE_TXT = "EfficientNet-Lite0 + Lite2 (ImageNet, frozen; 1752 + 1800 features per patch)"
 FEAT_KEY = "X_histoclip_features"
 ALPHAS = np.logspace(0, 5, 11)
 KS = (5, 10, 20, 50, 100)
@@ -92,18 +94,18 @@ def load_sections(paths: list[Path]) -> list[ad.AnnData]:
 
 
 def add_features(a: ad.AnnData) -> float:
-    """Multi-scale EfficientNet-Lite0 features into obsm (cached on disk); returns seconds spent extracting."""
+    """Multi-scale features of both backbones into obsm (cached on disk); returns seconds spent extracting."""
     lib = str(a.obs["section"].iloc[0])
-    tag = f"{lib}_{BACKBONE}_{'-'.join(str(s) for s in SIZES_UM)}um_tta{int(TTA)}_n{a.n_obs}"
+    tag = f"{lib}_{'+'.join(BACKBONE)}_{'-'.join(str(s) for s in SIZES_UM)}um_tta{int(TTA)}_n{a.n_obs}"
     path = CACHE / f"{tag}.npy"
-    params = {"backbone": BACKBONE, "weights": None, "sizes_um": [float(s) for s in SIZES_UM], "patch_px": 224,
+    params = {"backbone": list(BACKBONE), "weights": None, "sizes_um": [float(s) for s in SIZES_UM], "patch_px": 224,
               "tta": TTA, "key_added": FEAT_KEY}
     if path.is_file():
         a.obsm[FEAT_KEY] = np.load(path)
         a.uns.setdefault("histoclip", {}).setdefault("params", {})["image_features"] = params
         return 0.0
     t = time.time()
-    hc.tl.image_features(a, backbone=BACKBONE, sizes_um=SIZES_UM, tta=TTA, img_key="fullres", spot_diameter_um=100,
+    hc.tl.image_features(a, backbone=list(BACKBONE), sizes_um=SIZES_UM, tta=TTA, img_key="fullres", spot_diameter_um=100,
                          key_added=FEAT_KEY, batch_size=32, accelerator="cpu")
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, a.obsm[FEAT_KEY])
@@ -213,7 +215,7 @@ def main() -> None:
                       for n, a in zip(names, secs, strict=True)),
           file=sys.stderr, flush=True)
     logn = {n: lognorm(a) for n, a in zip(names, secs, strict=True)}
-    d = 1752  # features per size: the 100 um block = HEST-style spot features
+    d = 1752  # the first block (Lite0, 100 um) = HEST-style spot features
 
     rows, fig_data = [], {}
     train_cfg = dict(max_epochs=args.epochs, batch_size=256, lr=1e-3, weight_decay=1e-3)
@@ -283,7 +285,7 @@ def main() -> None:
 
     settings = {
         "sections": names, "protocol": "leave-one-section-out (train on the other sections, predict from the image)",
-        "features": {"backbone": f"{BACKBONE} (ImageNet, frozen; 1752-d per patch)", "sizes_um": list(SIZES_UM),
+        "features": {"backbone": BACKBONE_TXT, "sizes_um": list(SIZES_UM),
                      "tta": TTA, "patch_px": 224, "spot_diameter_um": 100, "img_key": "fullres",
                      "extract_s": extract_s},
         "retrieval": {"model": model_cfg, "train": train_cfg, "k": 50, "context": 0.5, "seeds": args.seeds,
@@ -390,7 +392,7 @@ def markdown(table: dict, settings: dict) -> str:
         "of 100 um (`spot_diameter_um=100`). Genes: union over sections (absent = 0 counts).",
         f"* Features: `hc.tl.image_features`, {f['backbone']}, patches of {f['sizes_um']} um resized to "
         f"{f['patch_px']} px, **tta={f['tta']}** (no flip/rotation averaging), computed once per section and cached "
-        "in `benchmarks/cache/`. The HEST-style baselines use only the 100 um block (1752-d).",
+        "in `benchmarks/cache/`. The HEST-style baselines use only the Lite0 100 um block (1752-d).",
         "* histoclip retrieval: `HistoCLIP(train, genes=top-1000 training HVG + HEG50 + HVG50, "
         f"image_features_key=..., "
         f"{', '.join(f'{k}={v}' for k, v in settings['retrieval']['model'].items())})`, `train("

@@ -30,7 +30,9 @@ class SmallCNN(nn.Module):
         self.out_dim = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        # NHWC activations whatever the caller passed: oneDNN's max-pooling is ~4x faster on them on x86 CPUs
+        # (training already sends channels-last batches; embedding and feature extraction did not)
+        return self.features(x.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
 
 
 # ResNet with torchvision's parameter names, so torchvision checkpoints load into it unchanged.
