@@ -105,8 +105,8 @@ def add_features(a: ad.AnnData) -> float:
         a.uns.setdefault("histoclip", {}).setdefault("params", {})["image_features"] = params
         return 0.0
     t = time.time()
-    hc.tl.image_features(a, backbone=list(BACKBONE), sizes_um=SIZES_UM, tta=TTA, img_key="fullres", spot_diameter_um=100,
-                         key_added=FEAT_KEY, batch_size=32, accelerator="cpu")
+    hc.tl.image_features(a, backbone=list(BACKBONE), sizes_um=SIZES_UM, tta=TTA, img_key="fullres",
+                         spot_diameter_um=100, key_added=FEAT_KEY, batch_size=32, accelerator="cpu")
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, a.obsm[FEAT_KEY])
     return time.time() - t
@@ -351,17 +351,21 @@ def markdown(table: dict, settings: dict) -> str:
     hvg = df[df.gene_set == "HVG50"].groupby(["method", "section"])["mean_r"].mean().groupby("method").mean()
     top2 = heg.sort_values(ascending=False).index[:2]
     f = settings["features"]
-    if heg[top2[0]] - heg[top2[1]] < 0.01:
+    # seed spread of the retrieval's 5-fold mean (the only stochastic method): a "tie" must be inside it
+    ret = df[(df.gene_set == "HEG50") & (df.method == "histoclip retrieval")]
+    spread = float(ret.groupby("seed")["mean_r"].mean().std(ddof=1)) if ret["seed"].nunique() > 1 else 0.0
+    gap = heg[top2[0]] - heg[top2[1]]
+    feats = (f"frozen {f['backbone']} features at {', '.join(str(s) for s in f['sizes_um'])} um "
+             f"(tta={f['tta']})")
+    if gap <= 2 * spread:
         best_txt = (f"**Best:** a tie on the 50 HEG between `{top2[0]}` ({heg[top2[0]]:.4f}) and `{top2[1]}` "
-                    f"({heg[top2[1]]:.4f}), inside the retrieval's seed spread; on the 50 HVG `{hvg[top2].idxmax()}` "
-                    f"is ahead ({hvg[top2].max():.3f} vs {hvg[top2].min():.3f}). Both use frozen {f['backbone']} "
-                    f"features at {', '.join(str(s) for s in f['sizes_um'])} um (tta={f['tta']}); the regression head "
-                    "(per-section z-scored features + neighbour mean, PCA 256, ridge) is deterministic and ~5x faster, "
-                    "so it is the recommended setting.")
+                    f"({heg[top2[1]]:.4f}): the gap ({gap:.4f}) is within twice the retrieval's seed spread "
+                    f"({spread:.4f}). Both use {feats}.")
     else:
         best_txt = (f"**Best:** `{top2[0]}` ({heg[top2[0]]:.3f} mean r on the 50 HEG, {hvg[top2[0]]:.3f} on the 50 "
-                    f"HVG), with frozen {f['backbone']} features at {', '.join(str(s) for s in f['sizes_um'])} um "
-                    f"(tta={f['tta']}).")
+                    f"HVG), ahead of `{top2[1]}` ({heg[top2[1]]:.3f}, {hvg[top2[1]]:.3f}) by more than twice the "
+                    f"retrieval's seed spread ({spread:.4f}); both use {feats}. The regression head (per-section "
+                    "z-scored features + neighbour mean, PCA 256, ridge) is also deterministic and faster.")
     return "\n".join([
         "# Expression from the image: HER2ST patient C, leave-one-section-out",
         "",
@@ -392,7 +396,9 @@ def markdown(table: dict, settings: dict) -> str:
         "of 100 um (`spot_diameter_um=100`). Genes: union over sections (absent = 0 counts).",
         f"* Features: `hc.tl.image_features`, {f['backbone']}, patches of {f['sizes_um']} um resized to "
         f"{f['patch_px']} px, **tta={f['tta']}** (no flip/rotation averaging), computed once per section and cached "
-        "in `benchmarks/cache/`. The HEST-style baselines use only the Lite0 100 um block (1752-d).",
+        "in `benchmarks/cache/` (not part of `s/fold`: about 250 s per section of ~180 spots on one CPU thread, 12 "
+        "backbone x size passes of 14-44 s each, measured while other jobs shared the machine). The HEST-style "
+        "baselines use only the Lite0 100 um block (1752-d).",
         "* histoclip retrieval: `HistoCLIP(train, genes=top-1000 training HVG + HEG50 + HVG50, "
         f"image_features_key=..., "
         f"{', '.join(f'{k}={v}' for k, v in settings['retrieval']['model'].items())})`, `train("
