@@ -9,7 +9,8 @@ Each stage runs in a fresh subprocess that loads the previous stage's output fro
 histoclip call only (not loading/saving), its memory is the subprocess's peak RSS (resource.getrusage ru_maxrss),
 which includes importing torch/scanpy and reading the h5ad (the "baseline" row measures that alone). Stages:
 extract (hc.pp.extract_patches: boxes only, pixels are read lazily by training), train (hc.tl.train with every
-default: 2000 Moran's I genes with spatial context, small CNN on 32 px patches, batch 256, epochs from
+default: 2000 Moran's I genes with spatial context, small CNN on patches of the automatic patch_px (16 here: the
+lowres image gives 9 px patches), batch 256, epochs from
 hc.model.default_max_epochs(N), CPU), embed (hc.tl.embed), domains (hc.tl.domains with its defaults: Moran genes
 -> PCA 10 -> 2 hops of 6-NN smoothing -> tied GMM, 20 restarts), predict (hc.tl.predict_expression, retrieval
 from the image against the training spots, which here are the same spots: a cost measurement, not an accuracy one).
@@ -94,7 +95,8 @@ def run_stage(stage: str, work: Path) -> dict:
         seconds = time.perf_counter() - t
         epochs = model.history["seconds"].to_numpy(dtype=float)
         epoch_s = float(epochs.mean())
-        extra = {"epochs": len(epochs), "epoch_seconds": epoch_s, "first_epoch_seconds": float(epochs[0]),
+        extra = {"epochs": len(epochs), "patch_px": model.init_params["patch_px"], "epoch_seconds": epoch_s,
+                 "first_epoch_seconds": float(epochs[0]),
                  "spots_per_second": adata.n_obs / epoch_s, "setup_seconds": seconds - float(epochs.sum())}
         model.save(work / "model", overwrite=True)
     elif stage in ("embed", "predict"):
@@ -186,8 +188,8 @@ def main() -> None:
                 "tile + N(0, 2 px) jitter, then N spots drawn without replacement",
         "memory": "peak RSS (resource.getrusage ru_maxrss) of a fresh subprocess per stage; includes imports and "
                   "reading the h5ad (see 'baseline')",
-        "settings": "every default (2000 Moran genes with spatial context, small CNN at patch_px=32, batch 256, "
-                    "epochs = hc.model.default_max_epochs(N)), CPU",
+        "settings": "every default (2000 Moran genes with spatial context, small CNN at the automatic patch_px, "
+                    "batch 256, epochs = hc.model.default_max_epochs(N)), CPU",
         "epochs": {str(n): hc.model.default_max_epochs(n) for n in args.sizes},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch "
                    f"{__import__('torch').__version__}; see each stage's loadavg_1min for other load",

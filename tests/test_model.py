@@ -148,3 +148,16 @@ def test_default_epochs_keep_steps_roughly_constant(toy_patched):
     model = HistoCLIP(toy_patched, n_genes=20).train(rng=0)  # toy: few spots -> the 30-epoch cap
     assert model.train_params["max_epochs"] == default_max_epochs(toy_patched.n_obs) == 30
     assert len(model.history) == 30
+
+
+@pytest.mark.parametrize("size_um", [30, 110, 400])
+def test_default_patch_px_follows_the_image_resolution(toy, size_um):
+    a = toy.copy()
+    hc.pp.extract_patches(a, size_um=size_um)
+    box = a.obsm["histoclip_patch_box"]
+    side = float(np.median(np.minimum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])))
+    model = HistoCLIP(a, n_genes=20)
+    px = model.init_params["patch_px"]
+    assert px == int(np.clip(8 * np.ceil(side / 8), 16, 32))
+    assert model._sections[0].reader(0).shape == (px, px, 3)
+    assert HistoCLIP(a, n_genes=20, patch_px=8).init_params["patch_px"] == 8  # an explicit value wins

@@ -23,8 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
     adata = hc.datasets.dlpfc()
     print(f"Loaded the bundled DLPFC slide 151673: {adata.n_obs} spots x {adata.n_vars} genes", flush=True)
     hc.pp.extract_patches(adata)
-    # the bundled image is Visium's lowres one (a 110 um patch is 9 px), so 16 px inputs lose nothing
-    model = hc.tl.train(adata, max_epochs=args.epochs, rng=args.seed, patch_px=16)
+    # the bundled image is Visium's lowres one (a 110 um patch is 9 px): the default patch_px picks 16
+    model = hc.tl.train(adata, max_epochs=args.epochs, rng=args.seed)
     hc.tl.embed(adata, model)
     hc.tl.domains(adata, n_domains=7, use_rep=hc.Key.obsm.joint, rng=args.seed, key_added="histoclip_domain_joint")
     joint = hc.metrics.adjusted_rand(adata.obs["layer"], adata.obs["histoclip_domain_joint"])

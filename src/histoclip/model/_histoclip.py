@@ -91,6 +91,14 @@ def _as_list(data) -> list:
     return [data]
 
 
+def _auto_patch_px(sections: list) -> int:
+    """Median patch side in image pixels, rounded up to a multiple of 8, clipped to [16, 32]."""
+    boxes = [s.reader.boxes for s in sections]
+    sides = np.concatenate([np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for b in boxes])
+    side = float(np.median(sides)) if sides.size else 32.0
+    return int(np.clip(8 * np.ceil(side / 8), 16, 32))
+
+
 def default_max_epochs(n_obs: int) -> int:
     """Epochs for ``n_obs`` training spots: ``round(120_000 / n_obs)`` clipped to [1, 30].
 
@@ -161,7 +169,10 @@ class HistoCLIP:
         Key in ``obsm`` of precomputed image features (e.g. from a pathology foundation model) used instead of
         patches.
     patch_px
-        Side in pixels of the patches given to the image tower.
+        Side in pixels of the patches given to the image tower. Default (``None``): the median side of the
+        training patches in the image's own pixels, rounded up to a multiple of 8 and clipped to [16, 32], so
+        patches are never upsampled beyond what the image holds (DLPFC's lowres image gives ~9 px patches: 16;
+        a full-resolution image: 32). The chosen value is kept in ``init_params`` and in saved models.
     hidden_dim, latent_dim, dropout, temperature, loss, spatial_weight, spatial_temperature
         Network and loss settings (see :class:`histoclip.module.HistoclipModule`).
     library_key, library_id, table_key, image_key, shapes_key, coordinate_system
@@ -182,7 +193,7 @@ class HistoCLIP:
         weights: str | os.PathLike | None = None,
         freeze_backbone: bool = False,
         image_features_key: str | None = None,
-        patch_px: int = 32,
+        patch_px: int | None = None,
         hidden_dim: int = 512,
         latent_dim: int = 64,
         dropout: float = 0.1,
@@ -199,7 +210,7 @@ class HistoCLIP:
     ) -> None:
         if n_genes < 1:
             raise ValueError(f"n_genes must be positive, got {n_genes}.")
-        if patch_px < 8:
+        if patch_px is not None and patch_px < 8:
             raise ValueError(f"patch_px must be at least 8, got {patch_px}.")
         if image_features_key is not None:
             image_backbone = "features"
@@ -230,7 +241,14 @@ class HistoCLIP:
             "coordinate_system": coordinate_system,
         }
         self._data = _as_list(data)
+        if patch_px is None:
+            self.init_params["patch_px"] = 32 if image_features_key is not None else None
         sections = [self._section(d, need_counts=True) for d in self._data]  # validates everything first
+        if self.init_params["patch_px"] is None:
+            self.init_params["patch_px"] = _auto_patch_px(sections)
+            for s in sections:
+                s.reader.patch_px = self.init_params["patch_px"]
+                s.reader._reset_cache()
         tables = [s.spots.adata for s in sections]
         if genes is None:
             genes = self._pick_genes(sections, n_genes, layer)
@@ -315,7 +333,8 @@ class HistoCLIP:
                     f"No patch boxes in adata.obsm[{Key.obsm.patch_box!r}]; run histoclip.pp.extract_patches(data, "
                     "size_um=...) first (or pass image_features_key=... to use precomputed image features)."
                 )
-            reader = PatchReader(spots, np.asarray(adata.obsm[Key.obsm.patch_box]), self.init_params["patch_px"])
+            px = self.init_params["patch_px"] or 32  # None only while __init__ picks it from these boxes
+            reader = PatchReader(spots, np.asarray(adata.obsm[Key.obsm.patch_box]), px)
         if need_counts and adata.n_vars == 0:
             raise ValueError("The AnnData has no genes.")
         graph = row_normalize(knn_graph(spots.coords(), self.init_params["n_neighbors"], spots.library_labels()))
@@ -387,8 +406,8 @@ class HistoCLIP:
         Parameters
         ----------
         max_epochs
-            Passes over the training spots. Default (``None``): :func:`~histoclip.model.default_max_epochs` of the number of
-            training spots, 30 for a Visium slide (up to 4,000 spots) and fewer for larger data, so that every
+            Passes over the training spots. Default (``None``): :func:`~histoclip.model.default_max_epochs` of the
+            number of training spots, 30 for a Visium slide (up to 4,000 spots) and fewer for larger data, so that every
             slide gets about the same number of optimisation steps (the heuristic of scvi-tools' models).
         batch_size
             Spots per batch; every other spot of the batch is a negative for the contrastive loss.

@@ -96,7 +96,10 @@ def image_representation(model: HistoCLIP, section: _Section, batch_size: int = 
 
 
 def neighbour_mean(x: np.ndarray, section: _Section, radius: float = 1.5) -> np.ndarray:
-    """Mean of ``x`` over same-library spots within ``radius`` x the median nearest-neighbour spacing (own row if none)."""
+    """Mean of ``x`` over same-library spots within ``radius`` x the median nearest-neighbour spacing.
+
+    A spot without neighbours keeps its own row.
+    """
     import scipy.sparse as sp
     from sklearn.neighbors import NearestNeighbors
 

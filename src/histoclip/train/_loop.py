@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,9 @@ def pick_device(accelerator: str = "auto") -> torch.device:
         accelerator = "cuda"
     dev = torch.device(accelerator)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"accelerator={accelerator!r} was asked for, but CUDA is not available; use 'cpu' or 'auto'.")
+        raise RuntimeError(
+            f"accelerator={accelerator!r} was asked for, but CUDA is not available; use 'cpu' or 'auto'."
+        )
     return dev
 
 
@@ -131,8 +134,10 @@ def fit(
             group["weight_decay"] = weight_decay
     total = start_epoch + max_epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), last_epoch=-1)
-    for _ in range(start_epoch):
-        sched.step()
+    with warnings.catch_warnings():  # fast-forwarding a resumed schedule before any optimizer.step() is intended
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for _ in range(start_epoch):
+            sched.step()
     autocast, use_scaler = _autocast(device, precision)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     module.to(device)
