@@ -6,8 +6,9 @@ Measured in one run, on CPU. Full runs of the slow configurations do not fit a C
 * histoclip domains (``hc.tl.domains`` defaults: Moran's I genes, PCA 10, two hops of neighbour smoothing, tied
   GMM; no trained model needed), timed in full, with its ARI against the manual layers.
 * histoclip's contrastive model (defaults: small CNN, automatic patch_px = 16 px here, 2000 Moran genes with
-  spatial context, ``default_max_epochs(3639)`` = 30 epochs): ``--epochs`` epochs are trained and timed (default 30; with fewer,
-  the per-epoch time is extrapolated and the row says so); extraction and embedding are timed in full.
+  spatial context, ``default_max_epochs(3639)`` = 30 epochs): ``--epochs`` epochs are trained and timed (default
+  30; with fewer, the per-epoch time is extrapolated and the row says so); extraction and embedding are timed in
+  full.
 * MicNet-like (image_backbone="resnet18", patch_px=224, 30 epochs): one epoch on a random subset of
   ``--micnet-spots`` spots is timed, and training (3639 spots x 30 epochs) and embedding are extrapolated from
   the measured spots per second: stated in the row.
@@ -44,7 +45,10 @@ adata = model.train()
 from sklearn.decomposition import PCA
 emb = PCA(20, random_state=0).fit_transform(adata.obsm["emb"])
 labels = GaussianMixture(7, covariance_type="full", random_state=0).fit_predict(emb)
-print(time.perf_counter() - t)
+seconds = time.perf_counter() - t
+from sklearn.metrics import adjusted_rand_score
+ok = adata.obs["layer"].notna().to_numpy()
+print(seconds, adjusted_rand_score(adata.obs["layer"].astype(str).to_numpy()[ok], labels[ok]))
 """
 
 
@@ -125,10 +129,23 @@ def graphst(run: bool, h5ad: Path) -> dict:
     proc = subprocess.run([str(GRAPHST_PY), "-c", _GRAPHST_SCRIPT, str(h5ad)], capture_output=True, text=True,
                           timeout=1800)
     if proc.returncode == 0:
-        return {"method": "GraphST 1.1.1 (+ PCA 20 + sklearn GMM full)", "seconds": float(proc.stdout.split()[-1]),
-                "parts": {"process_seconds": time.perf_counter() - t}, "measured": "run here (its own venv)"}
+        seconds, ari = (float(v) for v in proc.stdout.split()[-2:])
+        return {"method": "GraphST 1.1.1 (+ PCA 20 + sklearn GMM full, no refinement)", "seconds": seconds,
+                "parts": {"process_seconds": time.perf_counter() - t}, "measured": "run here (its own venv)",
+                "ari_vs_manual_layers": ari}
     row["measured"] += f"; running it failed: {proc.stderr.strip().splitlines()[-1:]}"
     return row
+
+
+def markdown(result: dict) -> str:
+    """The side-by-side table of docs/performance.md, from compare_speed.json."""
+    lines = ["| method | wall time (s) | ARI vs manual layers | how |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        ari = r.get("ari_vs_manual_layers")
+        ari_txt = "" if ari is None else f"{ari:.3f}"
+        lines.append(f"| {r['method']} | {r['seconds']:.1f} | {ari_txt} | {r['measured']} |")
+    return (f"{result['slide']}; {result['machine']}; {result['threads']} torch thread(s).\n\n" + "\n".join(lines)
+            + "\n")
 
 
 def main() -> None:
@@ -150,7 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dlpfc.h5ad"
         a = hc.datasets.dlpfc()
-        a.obs = a.obs[["in_tissue", "array_row", "array_col"]]
+        a.obs = a.obs[["in_tissue", "array_row", "array_col", "layer"]]
         a.write_h5ad(path)
         rows.append(graphst(args.graphst, path))
     result = {"slide": "DLPFC 151673 (3639 spots, 5000 genes, lowres image)",
@@ -159,6 +176,7 @@ def main() -> None:
               "threads": args.threads, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compare_speed.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "compare_speed.md").write_text(markdown(result))
     print(json.dumps(result, indent=2))
     for r in rows:
         print(f"{r['method']:70s} {r['seconds']:8.0f} s  ({r['measured']})", file=sys.stderr)
