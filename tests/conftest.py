@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,41 @@ import histoclip as hc
 
 hc.settings.progress = False
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_her2st_file(rel: str) -> Path:
+    """Where the shared data folder keeps the file of a HER2ST registry entry (``rel``: its path in pooch's cache)."""
+    name = Path(rel).name
+    root = SHARED / "her2st"
+    if "ST-imgs" in rel:
+        return root / "images" / f"{rel.split('/')[3]}_{name}"
+    return root / "raw" / ("ST-cnts" if "ST-cnts" in rel else "ST-spotfiles") / name
+
+
+@pytest.fixture(scope="session")
+def her2st_data_root(tmp_path_factory) -> Path:
+    """A data folder with every HER2ST registry file in pooch's layout (``root/her2st/<rel>``): no download."""
+    from histoclip.datasets._her2st import REGISTRY
+
+    if not (SHARED / "her2st" / "raw").is_dir():
+        pytest.skip(f"shared HER2ST raw files not found under {SHARED}")
+    root = tmp_path_factory.mktemp("histoclip_data")
+    for rel in REGISTRY:
+        dst = root / "her2st" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_her2st_file(rel), dst)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: tiny models train many times faster than with threads spinning on shared cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

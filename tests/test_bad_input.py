@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 import histoclip as hc
 from histoclip.data import PatchReader
@@ -20,13 +19,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
 TINY = {"n_genes": 20, "patch_px": 8, "hidden_dim": 32, "latent_dim": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: tiny models train many times faster than with threads spinning on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------ helpers

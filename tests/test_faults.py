@@ -20,13 +20,7 @@ TINY = {"n_genes": 20, "patch_px": 8, "hidden_dim": 32, "latent_dim": 8}
 FIT = {"batch_size": 32, "rng": 0, "accelerator": "cpu"}  # 64 spots: two steps per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: tiny models train many times faster than with threads spinning on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ def fault_at(monkeypatch, call: int, fault) -> None:
 
 
 @pytest.fixture(scope="module")
-def epoch1(_one_thread) -> np.ndarray:
+def epoch1(one_torch_thread) -> np.ndarray:
     """The embedding after one uninterrupted epoch: what a run interrupted in epoch 2 must keep."""
     adata = hc.datasets.toy(n_rows=8, n_cols=8, n_genes=40, rng=0)
     hc.pp.extract_patches(adata, size_um=110)

@@ -1,7 +1,5 @@
 """The HER2ST loader, tested offline: the shared raw files are byte-identical to the registry's URLs."""
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,27 +7,12 @@ import pytest
 import histoclip as hc
 from histoclip.datasets._her2st import REGISTRY
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _local(rel: str) -> Path:
-    name = Path(rel).name
-    root = SHARED / "her2st"
-    if "ST-imgs" in rel:
-        return root / "images" / f"{rel.split('/')[3]}_{name}"
-    return root / "raw" / ("ST-cnts" if "ST-cnts" in rel else "ST-spotfiles") / name
+from .conftest import SHARED, shared_her2st_file
 
 
 @pytest.fixture(scope="module")
-def her2st_cache(tmp_path_factory):
-    if not (SHARED / "her2st" / "raw").is_dir():
-        pytest.skip("shared HER2ST raw files not found")
-    cache = tmp_path_factory.mktemp("her2st")
-    for rel in REGISTRY:
-        if "/C2" in rel or "C2." in rel or "C2_" in rel:
-            (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(_local(rel), cache / rel)
-    return cache
+def her2st_cache(her2st_data_root):
+    return her2st_data_root / "her2st"
 
 
 def test_registry_hashes_match_the_shared_files():
@@ -38,7 +21,7 @@ def test_registry_hashes_match_the_shared_files():
     import pooch
 
     for rel, digest in REGISTRY.items():
-        assert pooch.file_hash(str(_local(rel)), alg="sha256") == digest, rel
+        assert pooch.file_hash(str(shared_her2st_file(rel)), alg="sha256") == digest, rel
 
 
 def test_her2st_loads_from_cache_without_network(her2st_cache):

@@ -10,7 +10,6 @@ import textwrap
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 
 import histoclip as hc
 from histoclip.model import HistoCLIP
@@ -42,12 +41,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_same_seed_identical_results_in_two_fresh_processes(tmp_path):

@@ -9,32 +9,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TUTORIALS = REPO / "tutorials"
-SHARED = REPO.parent / "shared" / "data"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
 
-def _shared_her2st(rel: str) -> Path:
-    """Where the shared copy of a registry file lies (the same layout as tests/test_her2st.py reads)."""
-    name = Path(rel).name
-    root = SHARED / "her2st"
-    if "ST-imgs" in rel:
-        return root / "images" / f"{rel.split('/')[3]}_{name}"
-    return root / "raw" / ("ST-cnts" if "ST-cnts" in rel else "ST-spotfiles") / name
-
-
 @pytest.fixture(scope="module")
-def datasetdir(tmp_path_factory) -> Path:
+def datasetdir(her2st_data_root) -> Path:
     """A dataset folder holding the HER2ST raw files in pooch's layout, so hc.datasets.her2st() never downloads."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
-    from histoclip.datasets._her2st import REGISTRY
-
-    root = tmp_path_factory.mktemp("histoclip_data")
-    for rel in REGISTRY:
-        dst = root / "her2st" / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_shared_her2st(rel), dst)
-    return root
+    return her2st_data_root
 
 
 def test_there_are_tutorials():
