@@ -67,7 +67,8 @@ def main() -> None:
             raise SystemExit(f"The implementations disagree at batch {batch}: {c['loss']} vs {p['loss']}")
     result = {
         "what": "forward+backward of the symmetric InfoNCE loss on L2-normalised (batch, dim) float32 embeddings, CPU",
-        "machine": f"{platform.machine()}, shared 2-core VM (other jobs running: timings vary up to ~4x)",
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, load average before the run "
+                   f"{__import__('os').getloadavg()[0]:.2f}",
         "threads": args.threads,
         "memory": "peak RSS of a fresh subprocess per row (resource.getrusage), torch import included",
         "rows": rows,
