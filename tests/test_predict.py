@@ -78,3 +78,30 @@ def test_retrieve_is_the_softmax_weighted_mean_of_the_k_nearest(chunk):
         w = np.exp(sim[i, top] / 0.5)
         want[i] = (w / w.sum()) @ bank["expression"][top]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_model_predicts_without_its_training_data(two_sections_model, query, tmp_path):
+    from histoclip.model import HistoCLIP
+
+    model = two_sections_model
+    before = {m: hc.tl.predict_expression(query, model, method=m, k=20).X for m in ("retrieval", "regression")}
+    assert set(model.predictor_state) == {"bank", "ridge"}
+    model.save(tmp_path / "m")
+    loaded = HistoCLIP.load(tmp_path / "m", accelerator="cpu")  # no training data attached
+    assert not loaded._sections
+    for m, want in before.items():
+        got = hc.tl.predict_expression(query, loaded, method=m, k=20).X
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_training_again_drops_the_predictors_built_from_old_weights(query):
+    train = [hc.datasets.toy(rng=i) for i in range(2)]
+    for a in train:
+        hc.pp.extract_patches(a, size_um=110)
+    model = hc.tl.train(train, max_epochs=1, n_genes=20, rng=0, batch_size=64, accelerator="cpu")
+    first = hc.tl.predict_expression(query, model, method="retrieval", k=10).X
+    assert "bank" in model.predictor_state
+    model.train(1, batch_size=64, accelerator="cpu", rng=0)
+    assert model.predictor_state == {}
+    again = hc.tl.predict_expression(query, model, method="retrieval", k=10).X
+    assert not np.allclose(first, again)  # the bank was rebuilt from the new weights

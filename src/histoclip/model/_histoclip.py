@@ -268,6 +268,9 @@ class HistoCLIP:
         self.is_trained = False
         self.train_params: dict[str, Any] = {}
         self._optimizer_state: dict | None = None  # set by load() from a checkpoint, used by the next train()
+        # what predict_expression builds from the training spots (reference bank, regression head); saved with the
+        # model, cleared whenever the weights or the training data change
+        self.predictor_state: dict[str, dict[str, np.ndarray]] = {}
         self.device = torch.device("cpu")
         logger.info("HistoCLIP: %d sections, %d spots, %d genes, image backbone %r", len(sections),
                     sum(s.spots.n_obs for s in sections), len(self.genes), image_backbone)
@@ -444,6 +447,7 @@ class HistoCLIP:
         """
         if max_epochs is None:
             max_epochs = default_max_epochs(sum(s.spots.n_obs for s in self._sections))
+        self.predictor_state = {}  # built from the old weights
         if max_epochs < 0:
             raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
         seed = resolve_seed(rng)
@@ -600,8 +604,12 @@ class HistoCLIP:
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save the model to ``dir_path/model.safetensors``: weights, genes, normalisation and settings.
 
-        The file is written to a temporary name and renamed, so an interrupted save never leaves a broken file.
-        An existing file is only replaced with ``overwrite=True``. Returns the file's path.
+        What :func:`histoclip.tl.predict_expression` has built from the training spots (the retrieval reference
+        bank: embeddings and expression of every training spot; the regression head) is saved too, so a loaded
+        model predicts new slides without its training data: call ``predict_expression`` once with each method
+        you will use before saving. The file is written to a temporary name and renamed, so an interrupted save
+        never leaves a broken file. An existing file is only replaced with ``overwrite=True``. Returns the
+        file's path.
         """
         from safetensors.torch import save_file
 
@@ -613,6 +621,11 @@ class HistoCLIP:
         tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         tensors["norm.gene_mean"] = torch.from_numpy(self.gene_mean)
         tensors["norm.gene_std"] = torch.from_numpy(self.gene_std)
+        for kind, arrays in getattr(self, "predictor_state", {}).items():
+            for name, value in arrays.items():
+                value = np.asarray(value)
+                tensors[f"predictor.{kind}.{name}"] = torch.from_numpy(value.copy() if value.ndim == 0
+                                                                       else np.ascontiguousarray(value))
         fd, tmp = tempfile.mkstemp(dir=dir_path, prefix=".model-", suffix=".tmp")
         os.close(fd)
         try:
@@ -726,6 +739,10 @@ class HistoCLIP:
         self.history = pd.DataFrame(meta.get("history", {}))
         self.gene_mean = tensors.pop("norm.gene_mean").numpy()
         self.gene_std = tensors.pop("norm.gene_std").numpy()
+        self.predictor_state = {}
+        for key in [k for k in tensors if k.startswith("predictor.")]:
+            _, kind, name = key.split(".", 2)
+            self.predictor_state.setdefault(kind, {})[name] = tensors.pop(key).numpy()
         weights = self.init_params.get("weights")
         self.init_params["weights"] = None  # the saved state already holds them
         self.module = self._build_module(seed=0)
@@ -765,6 +782,7 @@ class HistoCLIP:
                 )
         self._data = items
         self._sections = [self._section(d, need_counts=True) for d in items]
+        self.predictor_state = {}  # built from other training spots
         xs = [expression_matrix(s.spots.adata, self.genes, layer=self.init_params["layer"]) for s in self._sections]
         self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, self._sections, strict=True)]
 

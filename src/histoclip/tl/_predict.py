@@ -46,7 +46,7 @@ def _ensure_features(query, model: HistoCLIP) -> None:
 
 
 def _state(model: HistoCLIP) -> dict:
-    if not hasattr(model, "predictor_state") or model.predictor_state is None:
+    if getattr(model, "predictor_state", None) is None:
         model.predictor_state = {}
     return model.predictor_state
 
@@ -74,7 +74,10 @@ def predict_expression(
     query
         AnnData (or SpatialData) of the section to predict.
     model
-        A trained :class:`~histoclip.model.HistoCLIP`, trained on other sections.
+        A trained :class:`~histoclip.model.HistoCLIP`, trained on other sections. The retrieval reference bank and
+        the regression head are built from its training spots on first use and kept in ``model.predictor_state``;
+        :meth:`~histoclip.model.HistoCLIP.save` stores them, so a model loaded without its training data
+        predicts with every method that was used before it was saved.
     method
         ``"retrieval"`` (BLEEP): the prediction of a spot is the softmax-weighted mean log-normalised expression of the
         ``k`` training spots whose expression embeddings are closest to its image embedding (the contrastive space).
