@@ -92,6 +92,9 @@ def test_saved_model_predicts_without_its_training_data(two_sections_model, quer
     for m, want in before.items():
         got = hc.tl.predict_expression(query, loaded, method=m, k=20).X
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="no training data"):
+        loaded.train(1)  # refused before anything changes: the saved predictors stay usable
+    assert set(loaded.predictor_state) == {"bank", "ridge"}
 
 
 def test_training_again_drops_the_predictors_built_from_old_weights(query):

@@ -4,7 +4,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -245,10 +245,8 @@ class HistoCLIP:
             self.init_params["patch_px"] = 32 if image_features_key is not None else None
         sections = [self._section(d, need_counts=True) for d in self._data]  # validates everything first
         if self.init_params["patch_px"] is None:
-            self.init_params["patch_px"] = _auto_patch_px(sections)
-            for s in sections:
-                s.reader.patch_px = self.init_params["patch_px"]
-                s.reader._reset_cache()
+            px = self.init_params["patch_px"] = _auto_patch_px(sections)
+            sections = [replace(s, reader=PatchReader(s.spots, s.reader.boxes, px)) for s in sections]
         tables = [s.spots.adata for s in sections]
         if genes is None:
             genes = self._pick_genes(sections, n_genes, layer)
@@ -447,13 +445,13 @@ class HistoCLIP:
         """
         if max_epochs is None:
             max_epochs = default_max_epochs(sum(s.spots.n_obs for s in self._sections))
-        self.predictor_state = {}  # built from the old weights
         if max_epochs < 0:
             raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
         seed = resolve_seed(rng)
         device = pick_device(accelerator)
         if not self._sections:
             raise RuntimeError("The model has no training data attached; load it with HistoCLIP.load(dir_path, data).")
+        self.predictor_state = {}  # built from the weights about to change
         if not self.is_trained:
             self.module = self._build_module(seed)
         dataset = ConcatDataset([
@@ -621,7 +619,7 @@ class HistoCLIP:
         tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         tensors["norm.gene_mean"] = torch.from_numpy(self.gene_mean)
         tensors["norm.gene_std"] = torch.from_numpy(self.gene_std)
-        for kind, arrays in getattr(self, "predictor_state", {}).items():
+        for kind, arrays in self.predictor_state.items():
             for name, value in arrays.items():
                 value = np.asarray(value)
                 tensors[f"predictor.{kind}.{name}"] = torch.from_numpy(value.copy() if value.ndim == 0
@@ -712,7 +710,9 @@ class HistoCLIP:
             Folder holding ``model.safetensors``.
         data
             Data to attach (for embedding and further training): its genes must include the model's, and its
-            patches must have the model's physical size. Optional for image-only use.
+            patches must have the model's physical size. Optional for image-only use and for prediction with the
+            saved reference bank and regression head; attaching data drops those, and they are rebuilt from the
+            attached spots when next needed.
         accelerator
             Device to map the weights to.
 

@@ -49,9 +49,10 @@ def retrieve(query_img: np.ndarray, bank: dict[str, np.ndarray], k: int, tempera
     """BLEEP retrieval: softmax(similarity / T)-weighted mean expression of the k most similar reference spots.
 
     Similarities are between the query's image embedding and the reference spots' expression embeddings
-    (the contrastive space). Queries are processed in chunks (default: as many as keep the chunk's similarity
-    block and its weighted-sum operands near ``CHUNK_BYTES``, 128 MiB), so memory does not grow with the query;
-    time is ``n_query x n_reference`` (exact search).
+    (the contrastive space). Queries are processed in chunks (default: as many as keep the chunk's float32
+    similarities and the int64 indices ``argpartition`` returns for them, 12 bytes per reference spot and query,
+    near ``CHUNK_BYTES``, 128 MiB), so memory does not grow with the query; time is ``n_query x n_reference``
+    (exact search).
     """
     import scipy.sparse as sp
 
@@ -59,7 +60,7 @@ def retrieve(query_img: np.ndarray, bank: dict[str, np.ndarray], k: int, tempera
     expr = bank["expression"]
     k = int(min(k, ref.shape[0]))
     if chunk is None:
-        chunk = int(np.clip(CHUNK_BYTES // (4 * max(ref.shape[0], k * 3)), 16, 4096))
+        chunk = int(np.clip(CHUNK_BYTES // (12 * ref.shape[0]), 16, 4096))
     out = np.zeros((query_img.shape[0], expr.shape[1]), dtype=np.float32)
     for s in range(0, query_img.shape[0], chunk):
         sim = query_img[s : s + chunk] @ ref.T

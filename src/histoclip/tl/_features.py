@@ -115,7 +115,7 @@ def image_features(
             for start in range(0, n, batch_size):
                 idx = range(start, min(start + batch_size, n))
                 x = torch.from_numpy(np.stack([reader(i) for i in idx])).permute(0, 3, 1, 2).contiguous().to(device)
-                for net, off in zip(nets, offsets, strict=False):
+                for net, off in zip(nets, offsets[:-1], strict=True):
                     if tta:
                         f = sum(net(_dihedral(x, k)) for k in range(DIHEDRAL)) / DIHEDRAL
                     else:

@@ -45,12 +45,6 @@ def _ensure_features(query, model: HistoCLIP) -> None:
                    patch_px=int(fp["patch_px"]), tta=bool(fp["tta"]), key_added=key)
 
 
-def _state(model: HistoCLIP) -> dict:
-    if getattr(model, "predictor_state", None) is None:
-        model.predictor_state = {}
-    return model.predictor_state
-
-
 def predict_expression(
     query: AnnData | SpatialData,
     model: HistoCLIP,
@@ -119,7 +113,7 @@ def predict_expression(
     with timed(f"predict_expression ({method})"):
         _ensure_features(query, model)
         section, _ = model._resolve_query(query, "image")
-        state = _state(model)
+        state = model.predictor_state
         if method == "retrieval":
             z = _context(model._embed(section, None, "image", batch_size), section, context)
             key = "bank"
