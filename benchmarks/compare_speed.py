@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -171,8 +172,8 @@ def main() -> None:
         a.write_h5ad(path)
         rows.append(graphst(args.graphst, path))
     result = {"slide": "DLPFC 151673 (3639 spots, 5000 genes, lowres image)",
-              "machine": f"{platform.machine()}, 2-core VM, load average before the run "
-                         f"{__import__('os').getloadavg()[0]:.2f}",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average before the run "
+                         f"{os.getloadavg()[0]:.2f}",
               "threads": args.threads, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compare_speed.json").write_text(json.dumps(result, indent=2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -67,8 +68,8 @@ def main() -> None:
             raise SystemExit(f"The implementations disagree at batch {batch}: {c['loss']} vs {p['loss']}")
     result = {
         "what": "forward+backward of the symmetric InfoNCE loss on L2-normalised (batch, dim) float32 embeddings, CPU",
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, load average before the run "
-                   f"{__import__('os').getloadavg()[0]:.2f}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average before the run "
+                   f"{os.getloadavg()[0]:.2f}",
         "threads": args.threads,
         "memory": "peak RSS of a fresh subprocess per row (resource.getrusage), torch import included",
         "rows": rows,

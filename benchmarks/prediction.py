@@ -140,15 +140,22 @@ def ridge_preds(Ftr, Ytr, Fte, alphas, n_pcs=256):
     return [A @ ((s / (s**2 + a))[:, None] * B) + ym for a in alphas]
 
 
-def ridge_cv(Ftr, Ytr, groups, Fte, n_score):
-    """Ridge on standardised top-256 PCs; alpha by leave-one-training-section-out CV (mean r over the training HEG)."""
-    score = np.zeros(len(ALPHAS))
+def _inner_cv(preds, grid, Ftr, Ytr, groups, Fte, n_score):
+    """The grid value with the best leave-one-training-section-out mean r over the first ``n_score`` targets (the
+    training HEG), and the test predictions refitted on all training spots with it."""
+    score = np.zeros(len(grid))
     for g in np.unique(groups):
         m = groups == g
-        for i, P in enumerate(ridge_preds(Ftr[~m], Ytr[~m], Ftr[m], ALPHAS)):
+        for i, P in enumerate(preds(Ftr[~m], Ytr[~m], Ftr[m], grid)):
             score[i] += _r(P[:, :n_score], Ytr[m][:, :n_score]).mean()
-    best = ALPHAS[int(np.argmax(score))]
-    return ridge_preds(Ftr, Ytr, Fte, [best])[0], {"alpha": float(best)}
+    best = grid[int(np.argmax(score))]
+    return preds(Ftr, Ytr, Fte, [best])[0], best
+
+
+def ridge_cv(Ftr, Ytr, groups, Fte, n_score):
+    """Ridge on standardised top-256 PCs; alpha by inner leave-one-training-section-out CV."""
+    P, alpha = _inner_cv(ridge_preds, ALPHAS, Ftr, Ytr, groups, Fte, n_score)
+    return P, {"alpha": float(alpha)}
 
 
 def knn_preds(Ftr, Ytr, Fte, ks):
@@ -171,14 +178,9 @@ def knn_preds(Ftr, Ytr, Fte, ks):
 
 
 def knn_cv(Ftr, Ytr, groups, Fte, n_score):
-    """k-NN regression; k by inner leave-one-training-section-out CV (mean r over the training HEG)."""
-    score = np.zeros(len(KS))
-    for g in np.unique(groups):
-        m = groups == g
-        for i, P in enumerate(knn_preds(Ftr[~m], Ytr[~m], Ftr[m], KS)):
-            score[i] += _r(P[:, :n_score], Ytr[m][:, :n_score]).mean()
-    best = KS[int(np.argmax(score))]
-    return knn_preds(Ftr, Ytr, Fte, [best])[0], {"k": int(best)}
+    """k-NN regression; k by inner leave-one-training-section-out CV."""
+    P, k = _inner_cv(knn_preds, KS, Ftr, Ytr, groups, Fte, n_score)
+    return P, {"k": int(k)}
 
 
 # ---------------------------------------------------------------------------------------------- main

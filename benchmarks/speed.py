@@ -241,6 +241,8 @@ def main() -> None:
         (RESULTS / "speed.md").write_text(markdown(result))
         plot(result, RESULTS / "speed.png")
         return
+    import torch
+
     import histoclip as hc
 
     result: dict = {
@@ -253,7 +255,7 @@ def main() -> None:
                     "batch 256, epochs = hc.model.default_max_epochs(N)), CPU",
         "epochs": {str(n): hc.model.default_max_epochs(n) for n in args.sizes},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch "
-                   f"{__import__('torch').__version__}; see each stage's loadavg_1min for other load",
+                   f"{torch.__version__}; see each stage's loadavg_1min for other load",
         "threads": args.threads,
         "histoclip": hc.__version__,
         "predict_expression": hasattr(hc.tl, "predict_expression"),
