@@ -125,7 +125,7 @@ def test_train_with_ddp_strategy_through_the_model(monkeypatch):
     assert np.isfinite(model.history["loss"]).all()
     assert model.train_params["devices"] == 2 and model.train_params["strategy"] == "ddp"
     emb = model.get_latent_representation()
-    assert emb.shape == (256, 2 * model.init_params["latent_dim"]) and np.isfinite(emb).all()
+    assert emb.shape == (256, model.init_params["embedding_dim"]) and np.isfinite(emb).all()
 
 
 def test_bad_strategy_and_devices():

@@ -35,9 +35,9 @@ def test_history_and_shapes(trained):
     assert list(model.history["epoch"]) == [1, 2]
     assert np.isfinite(model.history["loss"]).all()
     z = model.get_latent_representation(adata, modality="joint")
-    assert z.shape == (adata.n_obs, 128) and z.dtype == np.float32
+    assert z.shape == (adata.n_obs, 16) and z.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
-    assert model.get_latent_representation(adata, modality="image").shape == (adata.n_obs, 64)
+    assert model.get_latent_representation(adata, modality="image").shape == (adata.n_obs, 16)
 
 
 def test_save_load_roundtrip_identical(trained, tmp_path):
@@ -99,7 +99,7 @@ def test_needs_patches_first(toy):
 def test_precomputed_image_features(toy):
     toy.obsm["feat"] = np.random.default_rng(0).normal(size=(toy.n_obs, 16)).astype(np.float32)
     m = hc.tl.train(toy, max_epochs=1, n_genes=20, image_features_key="feat", accelerator="cpu")
-    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 64)
+    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 16)
 
 
 def test_several_sections(toy_patched):

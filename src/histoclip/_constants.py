@@ -18,6 +18,7 @@ class Key:
 
     class obs:
         domain = "histoclip_domain"
+        image_weight = "histoclip_image_weight"
 
     class uns:
         spatial = "spatial"

@@ -98,6 +98,13 @@ class PatchDataset(Dataset):
         Optional ``(n_obs, n_obs)`` sparse, row-normalised neighbour graph. Each item's expression is then
         ``[expression[i], context[i] @ expression]`` (``2 * n_inputs`` values), computed when the item is read, so
         the neighbourhood means are never stored as a second dense matrix.
+    positives
+        With ``context``: also return a random neighbour ``j`` of each spot (drawn with the graph's weights) as
+        ``[expression[j], context[j] @ expression]`` (``4 * n_inputs`` values in all): the positive of the model's
+        neighbour contrast. Draws come from ``seed``, the item and how often it was read, so they are the same in
+        every run with that seed.
+    seed
+        Seed of the neighbour draws.
 
     """
 
@@ -108,6 +115,8 @@ class PatchDataset(Dataset):
         features: np.ndarray | None = None,
         *,
         context: sp.spmatrix | None = None,
+        positives: bool = False,
+        seed: int = 0,
     ) -> None:
         if reader is None and features is None:
             raise ValueError("PatchDataset needs patches (a PatchReader) or precomputed image features.")
@@ -124,6 +133,11 @@ class PatchDataset(Dataset):
             if context.shape != (n, n):
                 raise ValueError(f"context must be an ({n}, {n}) graph, got shape {context.shape}.")
             self.context = sp.csr_matrix(context, dtype=np.float32)
+        if positives and self.context is None:
+            raise ValueError("PatchDataset: positives need a context graph to draw neighbours from.")
+        self.positives = bool(positives)
+        self.seed = int(seed)
+        self._draws = np.zeros(n, dtype=np.int64) if positives else None
         self.n = n
 
     def __len__(self) -> int:
@@ -139,8 +153,43 @@ class PatchDataset(Dataset):
         elif self.context is None:
             expr = torch.from_numpy(self.expression[i])
         else:
-            g = self.context
-            lo, hi = g.indptr[i], g.indptr[i + 1]
-            nbr = g.data[lo:hi] @ self.expression[g.indices[lo:hi]] if hi > lo else np.zeros_like(self.expression[i])
-            expr = torch.from_numpy(np.concatenate([self.expression[i], nbr.astype(np.float32, copy=False)]))
+            parts = [self.expression[i], self._neighbourhood(i)]
+            if self.positives:
+                j = self._draw_neighbour(i)
+                parts += [self.expression[j], self._neighbourhood(j)]
+            expr = torch.from_numpy(np.concatenate(parts))
         return img, expr, i
+
+    def _neighbourhood(self, i: int) -> np.ndarray:
+        g = self.context
+        lo, hi = g.indptr[i], g.indptr[i + 1]
+        if hi == lo:
+            return np.zeros_like(self.expression[i])
+        return (g.data[lo:hi] @ self.expression[g.indices[lo:hi]]).astype(np.float32, copy=False)
+
+    def _draw_neighbour(self, i: int) -> int:
+        g = self.context
+        lo, hi = g.indptr[i], g.indptr[i + 1]
+        idx, w = g.indices[lo:hi], g.data[lo:hi].astype(np.float64)
+        others = idx != i
+        idx, w = idx[others], w[others]
+        if idx.size == 0:
+            return i
+        u = _uniform(self.seed, int(i), int(self._draws[i]))
+        self._draws[i] += 1
+        c = np.cumsum(w)
+        return int(idx[min(int(np.searchsorted(c, u * c[-1], side="right")), idx.size - 1)])
+
+
+_MASK = (1 << 64) - 1
+
+
+def _uniform(seed: int, i: int, k: int) -> float:
+    """A uniform number in [0, 1) from (seed, item, draw): a splitmix64 hash, far cheaper than a Generator per item."""
+    x = (seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xBF58476D1CE4E5B9 + (k + 1) * 0x94D049BB133111EB) & _MASK
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK
+    x ^= x >> 31
+    return x / 2.0**64

@@ -22,7 +22,7 @@ from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, resolve
 from ..module import HistoclipModule
 from ..pp._genes import expression_matrix, select_genes
-from ..pp._graph import knn_graph, row_normalize
+from ..pp._graph import gaussian_graph, knn_graph, row_normalize, spot_coords_um
 from ..train import pick_device
 from ..train._distributed import fit_with_strategy
 
@@ -40,11 +40,6 @@ class _Section:
     reader: PatchReader | None
     features: np.ndarray | None
     graph: Any  # row-normalised sparse neighbour averaging (with self loops)
-
-
-def joint_embedding(image: np.ndarray, expression: np.ndarray) -> np.ndarray:
-    """The joint embedding: both L2-normalised embeddings side by side, scaled to unit norm."""
-    return (np.concatenate([image, expression], axis=1) / np.sqrt(2)).astype(np.float32)
 
 
 class _EpochEnd:
@@ -99,6 +94,32 @@ def _auto_patch_px(sections: list) -> int:
     return int(np.clip(8 * np.ceil(side / 8), 16, 32))
 
 
+def _expression_basis(xs: list[np.ndarray], n_components: int, chunk: int = 8192, max_rows: int = 20_000) -> np.ndarray:
+    """The top principal axes of the standardised expression of all training spots, ``(n_genes, k)`` float32.
+
+    From the gene-gene covariance accumulated over row blocks (memory ``n_genes ** 2``, not another copy of the
+    data). Axes are signed deterministically and scaled by ``1 / sd`` of the first component, so the projections the
+    model sees are of order one.
+    """
+    g = xs[0].shape[1]
+    k = int(min(n_components, g))
+    cov = np.zeros((g, g), dtype=np.float64)
+    n = 0
+    total = sum(x.shape[0] for x in xs)
+    step = max(1, total // max_rows)  # an even subsample of at most max_rows spots: the axes of 100k spots cost 20k's
+    for x in xs:
+        for i in range(0, x.shape[0], chunk * step):
+            b = x[i : i + chunk * step : step].astype(np.float64)
+            cov += b.T @ b
+            n += b.shape[0]
+    vals, vecs = np.linalg.eigh(cov / max(n - 1, 1))
+    order = np.argsort(vals)[::-1][:k]
+    vecs = vecs[:, order]
+    vecs *= np.where(vecs[np.abs(vecs).argmax(axis=0), np.arange(k)] < 0, -1.0, 1.0)
+    scale = 1.0 / np.sqrt(max(vals[order[0]], 1e-12))
+    return (vecs * scale).astype(np.float32)
+
+
 def default_max_epochs(n_obs: int) -> int:
     """Epochs for ``n_obs`` training spots: ``round(120_000 / n_obs)`` clipped to [1, 30].
 
@@ -134,10 +155,13 @@ def _column_moments(xs: list[np.ndarray], chunk: int = 8192) -> tuple[np.ndarray
 class HistoCLIP:
     """A contrastive image-expression model of spatial transcriptomics slides.
 
-    An image tower (a small CNN, a ResNet, or precomputed features) and an expression tower (an MLP on the
-    log-normalised, standardised counts of the selected genes, concatenated with the average of each spot's
-    spatial neighbours) are trained so that the image and the expression of the same spot land close together
-    in one latent space (symmetric InfoNCE, as in BLEEP and MicNet).
+    An expression encoder (the spot's log-normalised, standardised counts of the selected genes projected on the
+    training data's principal components, joined with its spatial neighbourhood's mean: a one-hop graph layer) and an
+    image encoder (a small CNN, a ResNet, or precomputed features) each give a latent; an attention layer weighs the
+    two per spot (SpatialGlue's fusion) into the joint embedding. Training asks the joint embedding to reconstruct
+    both modalities (so it keeps what each knows on its own), aligns the two latents by symmetric InfoNCE (BLEEP,
+    MicNet: the shared part, also the retrieval space of :func:`histoclip.tl.predict_expression`), and pulls a spot's
+    expression latent towards a random spatial neighbour's (see :class:`histoclip.module.HistoclipModule`).
 
     Parameters
     ----------
@@ -153,11 +177,14 @@ class HistoCLIP:
     layer
         Layer holding raw counts (default: ``X``).
     spatial_context
-        Also contrast each spot's expression embedding with the embedding of its neighbourhood's mean expression
-        (the ``n_neighbors`` nearest spots, a sparse k-NN graph within each section), so the expression embedding
-        stays spatially coherent where the image is a weak signal.
+        Give the expression encoder each spot's neighbourhood (the mean of its neighbours' expression) and contrast
+        its latent with a random neighbour's, so the embeddings are spatially coherent.
+    context_um
+        Scale of the neighbourhood in microns: neighbours within ``3 * context_um`` weighted
+        ``exp(-d^2 / (2 context_um^2))`` (a Gaussian graph within each section; microns from the scale factors, so
+        Visium, legacy ST and Visium HD get the same physical neighbourhood).
     n_neighbors
-        Neighbours in that graph.
+        Use the ``n_neighbors`` nearest spots (unweighted) instead of ``context_um`` (the setting of earlier versions).
     image_backbone
         ``"cnn"`` (trained from scratch), ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (torchvision-compatible;
         pass ``weights=`` for pretrained weights), or ``"features"`` (set by ``image_features_key``).
@@ -173,8 +200,11 @@ class HistoCLIP:
         training patches in the image's own pixels, rounded up to a multiple of 8 and clipped to [16, 32], so
         patches are never upsampled beyond what the image holds (DLPFC's lowres image gives ~9 px patches: 16;
         a full-resolution image: 32). The chosen value is kept in ``init_params`` and in saved models.
-    hidden_dim, latent_dim, dropout, temperature, loss, spatial_weight, spatial_temperature
+    hidden_dim, latent_dim, embedding_dim, n_components, dropout, temperature, loss, spatial_weight, spatial_temperature
         Network and loss settings (see :class:`histoclip.module.HistoclipModule`).
+    reconstruction_weight, image_reconstruction_weight, cross_modal_weight, mask_rate, fusion, use_image
+        Loss terms and fusion (see :class:`histoclip.module.HistoclipModule`); ``use_image=False`` and the zero weights
+        are the ablations of ``benchmarks/domains.py``.
     library_key, library_id, table_key, image_key, shapes_key, coordinate_system
         How to find the spots and images (see :func:`histoclip.pp.extract_patches`).
 
@@ -188,19 +218,28 @@ class HistoCLIP:
         n_genes: int = 2000,
         layer: str | None = None,
         spatial_context: bool = True,
-        n_neighbors: int = 6,
+        context_um: float = 100.0,
+        n_neighbors: int | None = None,
         image_backbone: str = "cnn",
         weights: str | os.PathLike | None = None,
         freeze_backbone: bool = False,
         image_features_key: str | None = None,
         patch_px: int | None = None,
-        hidden_dim: int = 512,
+        hidden_dim: int = 256,
         latent_dim: int = 64,
+        embedding_dim: int = 16,
+        n_components: int = 50,
         dropout: float = 0.1,
         temperature: float = 0.1,
         loss: Literal["clip", "pml"] = "clip",
         spatial_weight: float = 1.0,
         spatial_temperature: float = 0.5,
+        reconstruction_weight: float = 1.0,
+        image_reconstruction_weight: float = 1.0,
+        cross_modal_weight: float = 1.0,
+        mask_rate: float = 0.2,
+        fusion: Literal["attention", "mean"] = "attention",
+        use_image: bool = True,
         library_key: str | None = None,
         library_id: str | None = None,
         table_key: str = "table",
@@ -210,6 +249,10 @@ class HistoCLIP:
     ) -> None:
         if n_genes < 1:
             raise ValueError(f"n_genes must be positive, got {n_genes}.")
+        if not (isinstance(context_um, int | float) and np.isfinite(context_um) and context_um > 0):
+            raise ValueError(f"context_um must be a positive number of microns, got {context_um!r}.")
+        if n_neighbors is not None and n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be at least 1 (or None for context_um), got {n_neighbors}.")
         if patch_px is not None and patch_px < 8:
             raise ValueError(f"patch_px must be at least 8, got {patch_px}.")
         if image_features_key is not None:
@@ -218,6 +261,7 @@ class HistoCLIP:
             "n_genes": n_genes,
             "layer": layer,
             "spatial_context": spatial_context,
+            "context_um": float(context_um),
             "n_neighbors": n_neighbors,
             "image_backbone": image_backbone,
             "weights": str(weights) if weights is not None else None,
@@ -226,11 +270,19 @@ class HistoCLIP:
             "patch_px": patch_px,
             "hidden_dim": hidden_dim,
             "latent_dim": latent_dim,
+            "embedding_dim": embedding_dim,
+            "n_components": n_components,
             "dropout": dropout,
             "temperature": temperature,
             "loss": loss,
             "spatial_weight": spatial_weight,
             "spatial_temperature": spatial_temperature,
+            "reconstruction_weight": reconstruction_weight,
+            "image_reconstruction_weight": image_reconstruction_weight,
+            "cross_modal_weight": cross_modal_weight,
+            "mask_rate": mask_rate,
+            "fusion": fusion,
+            "use_image": use_image,
         }
         self.setup_params: dict[str, Any] = {
             "library_key": library_key,
@@ -256,6 +308,7 @@ class HistoCLIP:
         xs = [expression_matrix(t, self.genes, layer=layer) for t in tables]
         self.gene_mean, self.gene_std = _column_moments(xs)
         self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, sections, strict=True)]
+        self._basis = _expression_basis(self._train_inputs, int(n_components))
         del xs  # standardised in place: one (n_obs, n_genes) float32 copy of the expression is held, not several
         self._sections = sections
         feat_dim = sections[0].features.shape[1] if image_features_key is not None else None
@@ -338,8 +391,7 @@ class HistoCLIP:
             reader = PatchReader(spots, np.asarray(adata.obsm[Key.obsm.patch_box]), px)
         if need_counts and adata.n_vars == 0:
             raise ValueError("The AnnData has no genes.")
-        graph = row_normalize(knn_graph(spots.coords(), self.init_params["n_neighbors"], spots.library_labels()))
-        return _Section(spots, reader, feats, graph)
+        return _Section(spots, reader, feats, self._context_graph(spots))
 
     @staticmethod
     def _img_key_of(data) -> str | None:
@@ -370,7 +422,7 @@ class HistoCLIP:
         p = self.init_params
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return HistoclipModule(
+            module = HistoclipModule(
                 self._n_inputs(),
                 image_backbone=p["image_backbone"],
                 weights=p["weights"],
@@ -378,12 +430,25 @@ class HistoCLIP:
                 image_in_features=p["image_in_features"],
                 hidden_dim=p["hidden_dim"],
                 latent_dim=p["latent_dim"],
+                embedding_dim=p["embedding_dim"],
+                n_components=p["n_components"],
                 dropout=p["dropout"],
                 temperature=p["temperature"],
                 loss=p["loss"],
-                spatial_weight=p.get("spatial_weight", 1.0),
-                spatial_temperature=p.get("spatial_temperature", 0.5),
+                spatial_weight=p["spatial_weight"],
+                spatial_temperature=p["spatial_temperature"],
+                reconstruction_weight=p["reconstruction_weight"],
+                image_reconstruction_weight=p["image_reconstruction_weight"],
+                cross_modal_weight=p["cross_modal_weight"],
+                mask_rate=p["mask_rate"],
+                fusion=p["fusion"],
+                use_image=p["use_image"],
+                spatial_context=p["spatial_context"],
             )
+        basis = getattr(self, "_basis", None)
+        if basis is not None:
+            module.expression_basis.copy_(torch.from_numpy(basis))
+        return module
 
     # ---------------------------------------------------------------------------------------------- training
     def train(
@@ -454,11 +519,13 @@ class HistoCLIP:
         self.predictor_state = {}  # built from the weights about to change
         if not self.is_trained:
             self.module = self._build_module(seed)
+        context = bool(self.init_params["spatial_context"])
         dataset = ConcatDataset([
             # with spatial context each item is [own inputs, neighbourhood mean], built per item from the sparse
             # graph: the (n_obs, 2 * n_genes) matrix is never materialised
-            PatchDataset(s.reader, x, s.features, context=s.graph if self.init_params["spatial_context"] else None)
-            for s, x in zip(self._sections, self._train_inputs, strict=True)
+            PatchDataset(s.reader, x, s.features, context=s.graph if context else None,
+                         positives=context and self.init_params["spatial_weight"] > 0, seed=seed + 7 * i)
+            for i, (s, x) in enumerate(zip(self._sections, self._train_inputs, strict=True))
         ])
         start = int(self.history["epoch"].max()) if len(self.history) else 0
         base_history, new_rows = self.history, []
@@ -532,8 +599,17 @@ class HistoCLIP:
         spots = resolve(data, library_key=self.setup_params["library_key"], library_id=self.setup_params["library_id"],
                         table_key=self.setup_params["table_key"], shapes_key=self.setup_params["shapes_key"],
                         need_image=False)
-        graph = row_normalize(knn_graph(spots.coords(), self.init_params["n_neighbors"], spots.library_labels()))
-        return _Section(spots, None, None, graph)
+        return _Section(spots, None, None, self._context_graph(spots))
+
+    def _context_graph(self, spots: SpotData):
+        """Row-normalised neighbour averaging (no self loops; an isolated spot averages itself)."""
+        k = self.init_params.get("n_neighbors")
+        if k is not None:
+            graph = knn_graph(spots.coords(), int(k), spots.library_labels())
+        else:
+            graph = gaussian_graph(spot_coords_um(spots), self.init_params.get("context_um", 100.0),
+                                   spots.library_labels())
+        return row_normalize(graph, self_loops=False, isolated_self=True)
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -550,40 +626,70 @@ class HistoCLIP:
         data
             Data to embed (default: the training data, when it was one section).
         modality
-            ``"image"`` (image tower only: needs patches, no counts), ``"expression"`` (expression tower only)
-            or ``"joint"`` (both L2-normalised embeddings concatenated and scaled by 1/sqrt(2)).
+            ``"image"`` (the image latent: needs patches, no counts), ``"expression"`` (the expression latent) or
+            ``"joint"`` (the per-spot weighted fusion of both: what :func:`histoclip.tl.embed` writes to
+            ``obsm["X_histoclip"]``).
         batch_size
             Spots per forward pass.
 
         Returns
         -------
-        float32 array of shape ``(n_obs, latent_dim)`` (``2 * latent_dim`` for ``"joint"``).
+        float32 array of shape ``(n_obs, embedding_dim)``.
 
         """
         if modality not in ("joint", "image", "expression"):
             raise ValueError(f"modality must be 'joint', 'image' or 'expression', got {modality!r}.")
         self._check_trained()
         section, inputs = self._resolve_query(data, modality)
-        return self._embed(section, inputs, modality, batch_size)
+        return self._embeddings(section, inputs, batch_size)[modality]
 
     @torch.inference_mode()
     def _embed(self, section: _Section, inputs: np.ndarray | None, modality: str, batch_size: int) -> np.ndarray:
+        """``"image"`` / ``"expression"``: the L2-normalised contrastive projections (the retrieval space)."""
         self.module.eval()
         dev = self.device
-        ds = PatchDataset(section.reader, inputs, section.features) if modality != "expression" else None
-        out_img, out_expr = [], []
-        if modality in ("joint", "image"):
-            for img, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
-                out_img.append(self.module.encode_image(img.to(dev)).cpu().numpy())
-        if modality in ("joint", "expression"):
-            for i in range(0, inputs.shape[0], batch_size):
-                e = torch.from_numpy(inputs[i : i + batch_size]).to(dev)
-                out_expr.append(self.module.encode_expression(e).cpu().numpy())
+        out = []
         if modality == "image":
-            return np.concatenate(out_img).astype(np.float32)
-        if modality == "expression":
-            return np.concatenate(out_expr).astype(np.float32)
-        return joint_embedding(np.concatenate(out_img), np.concatenate(out_expr))
+            ds = PatchDataset(section.reader, None, section.features)
+            for img, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
+                out.append(self.module.encode_image(img.to(dev)).cpu().numpy())
+        elif modality == "expression":
+            for e in self._expression_batches(section, inputs, batch_size):
+                out.append(self.module.encode_expression(e.to(dev)).cpu().numpy())
+        else:
+            raise ValueError(f"modality must be 'image' or 'expression', got {modality!r}.")
+        return np.concatenate(out).astype(np.float32)
+
+    def _expression_batches(self, section: _Section, inputs: np.ndarray, batch_size: int):
+        """``[own, neighbourhood mean]`` expression inputs in batches (own only without spatial context)."""
+        ctx = section.graph if self.init_params["spatial_context"] else None
+        for i in range(0, inputs.shape[0], batch_size):
+            own = inputs[i : i + batch_size]
+            parts = [own, np.asarray(ctx[i : i + batch_size] @ inputs, dtype=np.float32)] if ctx is not None else [own]
+            yield torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=1)))
+
+    @torch.inference_mode()
+    def _embeddings(self, section: _Section, inputs: np.ndarray | None, batch_size: int) -> dict[str, np.ndarray]:
+        """The latents written by :func:`histoclip.tl.embed`: ``image``, and with ``inputs`` also ``expression``,
+        ``joint`` and ``image_weight`` (the fusion's per-spot weight of the image)."""
+        self.module.eval()
+        dev = self.device
+        out: dict[str, list] = {"image": [], "expression": [], "joint": [], "image_weight": []}
+        use_image = bool(self.init_params.get("use_image", True))
+        if use_image:
+            ds = PatchDataset(section.reader, None, section.features)
+            for img, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
+                out["image"].append(self.module.image_embedding(img.to(dev)).float().cpu().numpy())
+        if inputs is not None:
+            z_img = np.concatenate(out["image"]) if use_image else None
+            for j, e in enumerate(self._expression_batches(section, inputs, batch_size)):
+                z_e = self.module.expression_embedding(e.to(dev)).float()
+                zi = None if z_img is None else torch.from_numpy(z_img[j * batch_size : j * batch_size + len(e)]).to(dev)
+                joint, w = self.module.fuse(zi, z_e)
+                out["expression"].append(z_e.cpu().numpy())
+                out["joint"].append(joint.float().cpu().numpy())
+                out["image_weight"].append(w.float().cpu().numpy())
+        return {k: np.concatenate(v).astype(np.float32) for k, v in out.items() if v}
 
     # ---------------------------------------------------------------------------------------------- save / load
     def _metadata(self) -> dict[str, Any]:

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 @dataclass
 class LossOutput:
-    """The total loss, its two image-expression directions and the spatial term, if any (for logging)."""
+    """The total loss, its two image-expression directions, the spatial and reconstruction terms (for logging)."""
 
     loss: torch.Tensor
     image_to_expression: torch.Tensor
     expression_to_image: torch.Tensor
     spatial: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
 
 
 def gather_global(z: torch.Tensor) -> tuple[torch.Tensor, int]:

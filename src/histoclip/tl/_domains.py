@@ -10,7 +10,7 @@ from .._constants import Key
 from .._settings import logger
 from .._utils import RNGLike, resolve_seed, timed, write_results
 from ..io._slide import resolve
-from ..pp._graph import knn_graph, row_normalize
+from ..pp._graph import gaussian_graph, knn_graph, row_normalize, spot_coords_um
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 
 def smooth_features(x: np.ndarray, graph: sp.spmatrix, n_hops: int) -> np.ndarray:
-    """Average each spot's features with its neighbours', ``n_hops`` times (sparse products only)."""
+    """Average each spot's features with its neighbours', ``n_hops`` times (sparse products only).
+
+    ``graph`` may be weighted (e.g. :func:`~histoclip.pp._graph.gaussian_graph`); each spot counts itself with weight 1.
+    """
     a = row_normalize(graph, self_loops=True)
     for _ in range(n_hops):
         x = a @ x
@@ -129,8 +132,9 @@ def domains(
     use_rep: str | None = None,
     n_genes: int = 2000,
     layer: str | None = None,
-    n_hops: int = 2,
-    n_neighbors: int = 6,
+    smooth_um: float | None = 100.0,
+    n_hops: int | None = None,
+    n_neighbors: int | None = None,
     n_pcs: int | None = 10,
     refine: bool = False,
     covariance_type: Literal["full", "tied", "diag", "spherical"] = "tied",
@@ -143,15 +147,15 @@ def domains(
 ) -> AnnData | None:
     """Find spatial domains by clustering a spatially smoothed representation of the spots.
 
-    By default (``use_rep=None``) the representation is the PCA (``n_pcs`` components) of the log-normalised
-    expression of the ``n_genes`` genes with the highest Moran's I: on the DLPFC benchmark this is the most accurate
-    representation measured (``benchmarks/domains.py``), ahead of histoclip's learned embeddings, which can be
-    clustered instead with ``use_rep="X_histoclip"`` (joint), ``"X_histoclip_expression"`` or ``"X_histoclip_image"``.
+    The representation: ``obsm[use_rep]``; by default (``use_rep=None``) histoclip's joint embedding
+    ``obsm["X_histoclip"]`` when :func:`histoclip.tl.embed` has written it, otherwise (no model) the PCA (``n_pcs``
+    components) of the log-normalised expression of the ``n_genes`` genes with the highest Moran's I. Which one was
+    used is recorded in ``uns["histoclip"]["params"]["domains"]["use_rep"]``.
 
-    Steps: the representation (``obsm[use_rep]`` when given) is averaged over each spot's ``n_neighbors`` nearest spots ``n_hops``
-    times (a sparse k-NN graph within each library), reduced to ``n_pcs`` principal components, clustered
-    (Gaussian mixture: pure Python, no R; leiden with a resolution search that reaches ``n_domains``; or k-means),
-    then optionally refined by a majority vote over each spot's neighbours.
+    Steps: the representation is averaged over each spot's neighbourhood (a Gaussian of ``smooth_um`` microns, or
+    ``n_hops`` rounds over the ``n_neighbors`` nearest spots; a sparse graph within each library), reduced to
+    ``n_pcs`` principal components, clustered (Gaussian mixture: pure Python, no R; leiden with a resolution search
+    that reaches ``n_domains``; or k-means), then optionally refined by a majority vote over each spot's neighbours.
 
     Parameters
     ----------
@@ -162,15 +166,20 @@ def domains(
     method
         ``"gmm"``, ``"leiden"`` or ``"kmeans"``.
     use_rep
-        Embedding in ``obsm`` to cluster (e.g. ``"X_histoclip"``, ``"X_histoclip_expression"``, ``"X_pca"``), or
-        ``None`` (or ``"expression_pca"``, the name recorded in the parameters) for the expression PCA described
-        above (needs counts).
+        Embedding in ``obsm`` to cluster (e.g. ``"X_histoclip"``, ``"X_histoclip_expression"``, ``"X_pca"``);
+        ``"expression_pca"`` for the model-free expression PCA described above (needs counts); ``None``: the joint
+        embedding if present, else the expression PCA.
     n_genes, layer
-        ``use_rep=None`` only: genes kept by Moran's I, and the layer holding raw counts (default ``X``).
-    n_hops
-        Rounds of neighbour averaging before clustering (0: none).
-    n_neighbors
-        Spatial neighbours per spot for the smoothing and the refinement (6: the Visium hexagon).
+        Expression PCA only: genes kept by Moran's I, and the layer holding raw counts (default ``X``).
+    smooth_um
+        Scale of the smoothing in microns: each spot's representation is averaged with its neighbours' within
+        ``3 * smooth_um``, weighted ``exp(-d^2 / (2 smooth_um^2))`` (itself weight 1): on Visium (100 um spacing)
+        the first ring weighs 0.61, on legacy ST (200 um spacing) 0.14, so a coarser grid is smoothed less. ``None``
+        or 0: no smoothing. Microns come from the scale factors' spot diameter.
+    n_hops, n_neighbors
+        The earlier, grid-counted smoothing: ``n_hops`` rounds of averaging over the ``n_neighbors`` nearest spots
+        (either given: used instead of ``smooth_um``; ``n_neighbors`` defaults to 6, ``n_hops`` to 2). The refinement
+        uses the ``n_neighbors`` nearest spots (6 by default).
     n_pcs
         Principal components kept after smoothing (``None``: no PCA).
     refine
@@ -203,8 +212,15 @@ def domains(
     seed = resolve_seed(rng)
     spots = resolve(data, library_key=library_key, table_key=table_key, need_image=False)
     adata = spots.adata
-    if use_rep == "expression_pca":  # the name recorded in params for the default
+    if use_rep is None:
+        use_rep = Key.obsm.joint if Key.obsm.joint in adata.obsm else "expression_pca"
+    if use_rep == "expression_pca":  # the name recorded in params for the model-free path
         use_rep = None
+    if smooth_um is not None and (not np.isfinite(smooth_um) or smooth_um < 0):
+        raise ValueError(f"smooth_um must be a non-negative number of microns (or None), got {smooth_um!r}.")
+    grid = n_hops is not None or n_neighbors is not None
+    n_hops = 2 if n_hops is None else int(n_hops)
+    n_neighbors = 6 if n_neighbors is None else int(n_neighbors)
     if use_rep is not None and use_rep not in adata.obsm:
         raise KeyError(
             f"adata.obsm[{use_rep!r}] not found (obsm has {list(adata.obsm.keys())}); run histoclip.tl.embed(data, "
@@ -224,8 +240,10 @@ def domains(
         raise ValueError(f"adata.obsm[{use_rep!r}] has NaN or inf values.")
     with timed("domains"):
         graph = knn_graph(spots.coords(), n_neighbors, spots.library_labels())
-        if n_hops > 0:
+        if grid and n_hops > 0:
             x = smooth_features(x, graph, n_hops)
+        elif not grid and smooth_um:
+            x = smooth_features(x, gaussian_graph(spot_coords_um(spots), float(smooth_um), spots.library_labels()), 1)
         if use_rep is not None and n_pcs is not None and x.shape[1] > n_pcs:
             from sklearn.decomposition import PCA
 
@@ -235,8 +253,10 @@ def domains(
             labels = refine_labels(labels, graph)
         cats = _relabel(labels)
     target = adata.copy() if copy else adata
-    params = {"n_domains": int(n_domains), "method": method, "use_rep": use_rep or "expression_pca", "n_hops": n_hops,
-              "n_neighbors": n_neighbors, "n_pcs": n_pcs, "refine": refine, "n_init": n_init, "library_key": library_key,
+    smoothing = {"n_hops": n_hops, "n_neighbors": n_neighbors} if grid else {"smooth_um": smooth_um or 0.0,
+                                                                            "n_neighbors": n_neighbors}
+    params = {"n_domains": int(n_domains), "method": method, "use_rep": use_rep or "expression_pca", **smoothing,
+              "n_pcs": n_pcs, "refine": refine, "n_init": n_init, "library_key": library_key,
               "seed": seed, "key_added": key_added, **extra}
     if use_rep is None:
         params.update({"n_genes": n_genes, "layer": layer})

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 from .._constants import Key
 from .._utils import RNGLike, resolve_seed, timed, write_results
 from ..model import HistoCLIP
-from ..model._histoclip import joint_embedding
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +50,12 @@ def train(
     return model
 
 
+def _weight_key(key_added: str) -> str:
+    if key_added == Key.obsm.joint:
+        return Key.obs.image_weight
+    return f"{key_added.removeprefix('X_')}_image_weight"
+
+
 def embed(
     data: AnnData | SpatialData,
     model: HistoCLIP,
@@ -80,11 +85,15 @@ def embed(
 
     Returns
     -------
-    ``None`` or a copy. Sets (float32, ``latent_dim`` columns each, ``2 * latent_dim`` for the joint one):
+    ``None`` or a copy. Sets (float32, ``embedding_dim`` columns each, 16 by default):
 
-    - ``obsm["X_histoclip"]``: joint embedding (image and expression embeddings concatenated, unit norm).
-    - ``obsm["X_histoclip_image"]``: image embedding (L2-normalised).
-    - ``obsm["X_histoclip_expression"]``: expression embedding (L2-normalised).
+    - ``obsm["X_histoclip"]``: the joint embedding, the per-spot weighted fusion of the image and expression
+      latents (``modality="all"`` only);
+    - ``obsm["X_histoclip_image"]``: the image latent;
+    - ``obsm["X_histoclip_expression"]``: the expression latent (``modality="all"`` only);
+    - ``obs["histoclip_image_weight"]``: the fusion's weight of the image for each spot, in [0, 1] (the expression's
+      is one minus it; ``modality="all"`` only; the column is named ``f"{key_added}_image_weight"`` with the
+      prefix ``X_`` dropped when ``key_added`` is changed), drawn by :func:`histoclip.pl.image_weight`;
     - ``uns["histoclip"]["params"]["embed"]``: the model's settings and training parameters.
 
     """
@@ -94,14 +103,21 @@ def embed(
         raise TypeError(f"model must be a histoclip HistoCLIP (from histoclip.tl.train), got {type(model).__name__}.")
     model._check_trained()
     with timed("embed"):
+        obs: dict[str, np.ndarray] = {}
         if modality == "image":
+            if not model.init_params.get("use_image", True):
+                raise ValueError("This model was trained without its image branch (use_image=False); it has no image "
+                                 "embedding.")
             section, _ = model._resolve_query(data, "image")
-            out: dict[str, np.ndarray] = {f"{key_added}_image": model._embed(section, None, "image", batch_size)}
+            z = model._embeddings(section, None, batch_size)
+            out: dict[str, np.ndarray] = {f"{key_added}_image": z["image"]}
         else:
             section, inputs = model._resolve_query(data, "joint")
-            img = model._embed(section, None, "image", batch_size)
-            expr = model._embed(section, inputs, "expression", batch_size)
-            out = {key_added: joint_embedding(img, expr), f"{key_added}_image": img, f"{key_added}_expression": expr}
+            z = model._embeddings(section, inputs, batch_size)
+            out = {key_added: z["joint"], f"{key_added}_expression": z["expression"]}
+            if "image" in z:
+                out[f"{key_added}_image"] = z["image"]
+            obs[_weight_key(key_added)] = z["image_weight"]
     adata = section.spots.adata
     if copy:
         if section.spots.source != "anndata":
@@ -109,5 +125,5 @@ def embed(
         adata = adata.copy()
     params = {"modality": modality, "key_added": key_added, **model.init_params, **model.train_params,
               "patch_size_um": model.patch_settings.get("size_um")}
-    write_results(adata, obsm=out, params=("embed", params))
+    write_results(adata, obsm=out, obs=obs or None, params=("embed", params))
     return adata if copy else None
