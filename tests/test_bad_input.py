@@ -199,7 +199,7 @@ def test_query_genes_do_not_match_model(tiny_model):
 
 def test_fewer_spots_than_domains(small):
     small.obsm["X_histoclip"] = np.random.default_rng(0).normal(size=(small.n_obs, 4)).astype(np.float32)
-    rejects(small, ValueError, r"n_domains=100 is more than the 64 spots", fn=hc.tl.domains, n_domains=100)
+    rejects(small, ValueError, r"n_domains=100 needs at least 200 spots.*got 64", fn=hc.tl.domains, n_domains=100)
 
 
 def test_spatialdata_without_table(toy_sdata):

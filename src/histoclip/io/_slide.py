@@ -126,6 +126,16 @@ def check_unique_var_names(adata: AnnData, what: str = "adata") -> None:
     )
 
 
+def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "adata") -> None:
+    """A table counts can be read from: unique gene names, and ``layer`` (if given) among its layers."""
+    check_unique_var_names(adata, what)
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(
+            f"Layer {layer!r} not found; {what}.layers has {list(adata.layers.keys())}. Pass layer= naming the layer "
+            "that holds raw counts, or layer=None for adata.X."
+        )
+
+
 def check_unique_obs_names(adata: AnnData, what: str = "adata") -> None:
     """Raise a clear error when spot names repeat: results are written by name and would be ambiguous."""
     if adata.obs_names.is_unique:

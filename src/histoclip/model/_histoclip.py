@@ -16,7 +16,7 @@ from .._constants import Key
 from .._settings import logger, settings
 from .._utils import RNGLike, resolve_seed
 from ..data import PatchDataset, PatchReader
-from ..io._slide import SpotData, resolve
+from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
 from ..pp._genes import expression_matrix, select_genes
 from ..pp._graph import knn_graph, row_normalize
@@ -219,6 +219,8 @@ class HistoCLIP:
         if patch_px is None:
             self.init_params["patch_px"] = 32 if image_features_key is not None else None
         sections = [self._section(d, need_counts=True) for d in self._data]  # validates everything first
+        for sec in sections:
+            check_counts_table(sec.spots.adata, layer)
         if self.init_params["patch_px"] is None:
             px = self.init_params["patch_px"] = _auto_patch_px(sections)
             sections = [replace(s, reader=PatchReader(s.spots, s.reader.boxes, px)) for s in sections]
@@ -420,12 +422,32 @@ class HistoCLIP:
         """
         if max_epochs is None:
             max_epochs = default_max_epochs(sum(s.spots.n_obs for s in self._sections))
-        if max_epochs < 0:
-            raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int | np.integer) or max_epochs < 1:
+            raise ValueError(
+                f"max_epochs must be a positive integer, got {max_epochs!r}: with no epoch, train() would return the "
+                f"model {'unchanged' if self.is_trained else 'untrained'}. Pass max_epochs=None for the default."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 2:
+            raise ValueError(
+                f"batch_size must be an integer >= 2, got {batch_size!r}: the contrastive loss tells each spot apart "
+                "from the other spots of its batch, so one spot per batch has nothing to contrast (the loss is 0 and "
+                "nothing is learned). Use the default 256, or as many spots as memory allows."
+            )
         seed = resolve_seed(rng)
         device = pick_device(accelerator)
         if not self._sections:
             raise RuntimeError("The model has no training data attached; load it with HistoCLIP.load(dir_path, data).")
+        stored = self.init_params.get("weights")
+        if not self.is_trained and stored is not None and hasattr(self, "_weights_named"):
+            # an untrained model read from a file: its backbone is built again, but a path stored in a file is
+            # never opened unless the caller names it
+            if self._weights_named is None:
+                raise ValueError(
+                    f"This untrained model was loaded from a file that names backbone weights {stored!r}. Paths stored "
+                    "in model files are never opened: name the file yourself, HistoCLIP.load(path, data, "
+                    f"weights={stored!r}), to initialise the backbone from it."
+                )
+            self.init_params["weights"] = self._weights_named
         self.predictor_state = {}  # built from the weights about to change
         if not self.is_trained:
             self.module = self._build_module(seed)
