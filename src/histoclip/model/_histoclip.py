@@ -657,9 +657,13 @@ class HistoCLIP:
                             need_image=False).adata
             missing = [g for g in self.genes if g not in table.var_names]
             if missing:
+                present = set(self.genes)
                 raise KeyError(
-                    f"{len(missing)} of the model's {len(self.genes)} genes are absent from the data "
-                    f"(first: {missing[:5]})."
+                    f"{len(missing)} of the model's {len(self.genes)} genes are absent from the data (first: "
+                    f"{missing[:5]}); the data has {table.n_vars} genes (e.g. {list(table.var_names[:5])}), "
+                    f"{sum(g in present for g in table.var_names)} of them the model's. Attach data measured on the "
+                    "model's genes (model.genes; e.g. the same gene identifiers: symbols vs. Ensembl ids, "
+                    "var_names_make_unique suffixes), or load without data to embed images or predict expression."
                 )
             size = table.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {}).get("size_um")
             want = self.patch_settings.get("size_um")
