@@ -37,6 +37,8 @@ from .._settings import logger, settings
 
 _SAMPLE_POINTS = 256
 _MATERIALISE_BYTES = 256 * 2**20
+_COMPUTED_LEVELS: dict[str, np.ndarray] = {}  # the last few computed pyramid levels (see MultiscaleImageSource)
+_COMPUTED_LEVELS_KEPT = 2
 
 
 class ImageSource:
@@ -280,10 +282,15 @@ class MultiscaleImageSource(ImageSource):
         lvl = self.levels[k]
         arr = lvl.array
         if k and hasattr(arr, "compute") and hasattr(arr, "dask") and arr.nbytes <= _MATERIALISE_BYTES:
-            t0 = time.perf_counter()
-            lvl.array = np.asarray(arr.compute())
-            logger.info("Image %r: level %d (%s, %.0f MiB) computed once in %.1f s.", self.name, k,
-                        "x".join(map(str, arr.shape)), arr.nbytes / 2**20, time.perf_counter() - t0)
+            key = str(getattr(arr, "name", id(arr)))  # dask names are content tokens: the same level, the same name
+            if key not in _COMPUTED_LEVELS:
+                t0 = time.perf_counter()
+                _COMPUTED_LEVELS[key] = np.asarray(arr.compute())
+                logger.info("Image %r: level %d (%s, %.0f MiB) computed once in %.1f s.", self.name, k,
+                            "x".join(map(str, arr.shape)), arr.nbytes / 2**20, time.perf_counter() - t0)
+                while len(_COMPUTED_LEVELS) > _COMPUTED_LEVELS_KEPT:
+                    _COMPUTED_LEVELS.pop(next(iter(_COMPUTED_LEVELS)))
+            lvl.array = _COMPUTED_LEVELS[key]
         return lvl
 
     def read_patch(self, x0: int, y0: int, x1: int, y1: int, out_px: int, pad_value: int = 255) -> np.ndarray:
