@@ -253,6 +253,8 @@ def check_metadata(path: Path, meta: Any) -> dict[str, Any]:
         raise _bad(path, "'history' must be columns of numbers of one length")
     if history and "epoch" not in history:
         raise _bad(path, "'history' has no 'epoch' column")
+    if history and not all(isinstance(e, int) and 0 <= e <= GENERIC_INT_BOUND for e in history["epoch"]):
+        raise _bad(path, "'history' epochs must be non-negative integers")
     if "run_id" in meta and not (isinstance(meta["run_id"], str) and len(meta["run_id"]) <= 64):
         raise _bad(path, "'run_id' is not a short string")
     return meta
