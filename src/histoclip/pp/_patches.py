@@ -120,8 +120,13 @@ def extract_patches(
     table_key, image_key, shapes_key, coordinate_system
         SpatialData only: the table, the image (default: the only one, or the one ending in ``hires_image``),
         the spot circles (default: the element the table annotates) and the coordinate system used to align them.
+        A multiscale image (e.g. ``image_key="<id>_full_image"`` from ``spatialdata_io.visium(...,
+        fullres_image_file=...)``) gets boxes in its full-resolution pixels; when patches are read, each comes from
+        the coarsest pyramid level that still holds the model's patch size in pixels (a 32-pixel patch of a
+        full-resolution slide is not decoded from level 0).
     key_added
-        Key in ``obsm`` for the boxes.
+        Key in ``obsm`` for the boxes; an existing entry histoclip did not write (e.g. ``"spatial"``) is never
+        overwritten.
     copy
         Return a modified copy instead of writing to ``data`` (AnnData only).
 
