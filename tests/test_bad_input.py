@@ -267,8 +267,9 @@ def test_key_added_over_the_users_data(small):
 
 def test_library_key_together_with_library_id(small):
     small.obs["lib"] = "toy"
-    rejects(small, ValueError, r"Pass library_key \('lib'.*or library_id \('toy'.*not both.*adata\[adata.obs\['lib'\] == "
-            r"'toy'\].copy\(\)", size_um=110, library_key="lib", library_id="toy")
+    rejects(small, ValueError,
+            r"Pass library_key \('lib'.*or library_id \('toy'.*not both.*adata\[adata.obs\['lib'\] == 'toy'\].copy\(\)",
+            size_um=110, library_key="lib", library_id="toy")
 
 
 def test_spatialdata_table_annotating_two_shape_elements(toy_sdata):
@@ -359,7 +360,8 @@ def test_integer_image_above_255_is_rejected_before_work(small):
     img = small.uns["spatial"]["toy"]["images"]["hires"].astype(np.int32)
     img[0, 0, 0] = 4095  # 12-bit camera values
     small.uns["spatial"]["toy"]["images"]["hires"] = img
-    rejects(small, ValueError, r"dtype int32 with values in \[\d+, 4095\], outside \[0, 255\].*uint8.*uint16", size_um=110)
+    rejects(small, ValueError, r"dtype int32 with values in \[\d+, 4095\], outside \[0, 255\].*uint8.*uint16",
+            size_um=110)
 
 
 def _fullres_file(small, tmp_path, name: str, data: bytes | None = None) -> Path:

@@ -98,9 +98,12 @@ class ImageSource:
                 self._check_integer_range()
 
     # -- conversion ----------------------------------------------------------------------------------------------
+    def _in_memory(self) -> bool:
+        return isinstance(self.array, np.ndarray) and not isinstance(self.array, np.memmap)
+
     def _sample(self) -> np.ndarray:
-        """A strided sample of about ``_SAMPLE_POINTS`` x ``_SAMPLE_POINTS`` pixels (the whole array if in memory)."""
-        if isinstance(self.array, np.ndarray) and not isinstance(self.array, np.memmap):
+        """A strided sample of about ``_SAMPLE_POINTS`` x ``_SAMPLE_POINTS`` pixels (small in-memory arrays: whole)."""
+        if self._in_memory() and self.height * self.width <= 4 * _SAMPLE_POINTS**2:
             return np.asarray(self.array)
         step_y = max(1, self.height // _SAMPLE_POINTS)
         step_x = max(1, self.width // _SAMPLE_POINTS)
@@ -131,7 +134,7 @@ class ImageSource:
         Arrays in memory are checked whole; lazy ones (dask, zarr, memory maps) from a strided sample, and every
         block read is checked again.
         """
-        sample = np.asarray(self._sample())
+        sample = np.asarray(self.array if self._in_memory() else self._sample())  # min/max: no copy
         if sample.size and (sample.min() < 0 or sample.max() > 255):
             raise ValueError(
                 f"Image {self.name!r} has dtype {self.dtype} with values in [{sample.min()}, {sample.max()}], outside "
