@@ -37,6 +37,8 @@ def saved(tmp_path_factory):
     hc.pp.extract_patches(adata, size_um=110)
     model = HistoCLIP(adata, n_genes=20, patch_px=8, hidden_dim=32, latent_dim=8).train(
         1, batch_size=32, rng=0, accelerator="cpu")
+    # as if predict_expression had built its reference bank: saved with the model, read back by load
+    model.predictor_state = {"retrieval": {"embedding": np.ones((64, 16), np.float32), "k": np.asarray(5)}}
     folder = tmp_path_factory.mktemp("base")
     path = model.save(folder)
     from safetensors import safe_open
@@ -74,7 +76,8 @@ def mutate(rng: np.random.Generator, raw: bytes, meta: dict, tensors: dict, outs
     """One hostile variant of a model file: (bytes, description)."""
     from safetensors.torch import save
 
-    kind = rng.choice(["meta", "meta", "meta", "truncate", "swap", "reshape", "drop", "extra", "flip", "weights"])
+    kind = rng.choice(["meta", "meta", "meta", "truncate", "swap", "reshape", "retype", "drop", "extra", "flip",
+                       "weights"])
     meta, tensors = json.loads(json.dumps(meta)), dict(tensors)
     if kind == "truncate":
         n = int(rng.integers(0, len(raw)))
@@ -101,11 +104,17 @@ def mutate(rng: np.random.Generator, raw: bytes, meta: dict, tensors: dict, outs
             tensors[a], tensors[b] = tensors[b], tensors[a]
         elif kind == "reshape":
             tensors[a] = torch.zeros(*[int(d) for d in rng.integers(1, 70, size=int(rng.integers(1, 4)))])
+        elif kind == "retype":
+            dtype = [torch.bfloat16, torch.float16, torch.float64, torch.int32, torch.uint8, torch.bool][
+                int(rng.integers(6))]
+            tensors[a] = tensors[a].to(dtype)
+            what = f"retype {a} {dtype}"
         elif kind == "drop":
             del tensors[a]
         else:
             tensors[f"module.extra.{a}"] = tensors[a].clone()
-        what = f"{kind} {a} {b}"
+        if kind != "retype":
+            what = f"{kind} {a} {b}"
     return save(tensors, metadata={"histoclip": json.dumps(meta)}), what
 
 

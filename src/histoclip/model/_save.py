@@ -362,7 +362,10 @@ def load_model(cls: type[HistoCLIP], path: str | os.PathLike, data=None, *, acce
     self.predictor_state = {}
     for key in [k for k in tensors if k.startswith("predictor.")]:
         _, kind, name = key.split(".", 2)
-        self.predictor_state.setdefault(kind, {})[name] = tensors.pop(key).numpy()
+        value = tensors.pop(key)
+        if value.dtype == torch.bfloat16:  # (numpy has no bfloat16)
+            value = value.to(torch.float32)
+        self.predictor_state.setdefault(kind, {})[name] = value.numpy()
     self.init_params["weights"] = None
     try:
         self.module = self._build_module(seed=0)
