@@ -341,6 +341,10 @@ def test_save_and_load_a_safetensors_file_name(small, tmp_path):
     np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
     with pytest.raises(FileExistsError, match="overwrite=True"):
         model.save(tmp_path / "x.safetensors")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder"):
+        model.save(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     # a folder of that name (what earlier versions made) is still a folder
     old = model.save(tmp_path / "y.safetensors" / "model.safetensors")
     assert HistoCLIP.load(tmp_path / "y.safetensors", accelerator="cpu").genes == model.genes and old.is_file()

@@ -143,6 +143,9 @@ def metadata(model: HistoCLIP) -> dict[str, Any]:
 def save_model(model: HistoCLIP, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """See :meth:`HistoCLIP.save`."""
     target = model_file(path, for_writing=True)
+    if target.parent.exists() and not target.parent.is_dir():
+        raise NotADirectoryError(f"{target.parent} is a file, not a folder; pass a folder to save into, or a file name "
+                                 "ending in .safetensors.")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
