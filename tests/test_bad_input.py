@@ -28,6 +28,8 @@ def _same(a, b) -> bool:
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, np.ndarray | list | tuple):
         return np.array_equal(np.asarray(a), np.asarray(b))
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return True
     return a == b
 
 
@@ -199,7 +201,7 @@ def test_query_genes_do_not_match_model(tiny_model):
 
 def test_fewer_spots_than_domains(small):
     small.obsm["X_histoclip"] = np.random.default_rng(0).normal(size=(small.n_obs, 4)).astype(np.float32)
-    rejects(small, ValueError, r"n_domains=100 is more than the 64 spots", fn=hc.tl.domains, n_domains=100)
+    rejects(small, ValueError, r"n_domains=100 needs at least 200 spots.*got 64", fn=hc.tl.domains, n_domains=100)
 
 
 def test_spatialdata_without_table(toy_sdata):
@@ -241,6 +243,201 @@ def test_patch_larger_than_image(small):
 def test_empty_anndata(small):
     empty = small[:0].copy()
     rejects(empty, ValueError, r"empty \(0 spots\)")
+
+
+def test_spatial_coordinates_with_three_columns(small):
+    small.obsm["spatial"] = np.column_stack([small.obsm["spatial"], np.zeros(small.n_obs)])
+    rejects(small, ValueError, r"shape \(n_obs, 2\).*got \(64, 3\).*obsm\['spatial'\]\[:, :2\]")
+
+
+def test_key_added_over_the_users_data(small):
+    rejects(small, ValueError, r"key_added='spatial' would overwrite adata.obsm\['spatial'\]", size_um=110,
+            key_added="spatial")
+    small.obsm["my_boxes"] = np.ones((small.n_obs, 4))
+    rejects(small, ValueError, r"obsm\['my_boxes'\], which histoclip did not write.*del adata.obsm", size_um=110,
+            key_added="my_boxes")
+    small.obs["cell_type"] = "a"
+    small.obsm["X_histoclip"] = np.random.default_rng(0).normal(size=(small.n_obs, 4)).astype(np.float32)
+    rejects(small, ValueError, r"obs\['cell_type'\], which histoclip did not write", fn=hc.tl.domains, n_domains=2,
+            use_rep="X_histoclip", key_added="cell_type")
+    hc.tl.domains(small, n_domains=2, use_rep="X_histoclip", key_added="my_domains")
+    hc.tl.domains(small, n_domains=3, use_rep="X_histoclip", key_added="my_domains")  # its own key: replaced
+    assert small.obs["my_domains"].nunique() == 3 and (small.obs["cell_type"] == "a").all()
+
+
+def test_library_key_together_with_library_id(small):
+    small.obs["lib"] = "toy"
+    rejects(small, ValueError,
+            r"Pass library_key \('lib'.*or library_id \('toy'.*not both.*adata\[adata.obs\['lib'\] == 'toy'\].copy\(\)",
+            size_um=110, library_key="lib", library_id="toy")
+
+
+def test_spatialdata_table_annotating_two_shape_elements(toy_sdata):
+    from spatialdata.models import TableModel
+
+    sdata = toy_sdata
+    sdata.shapes["more"] = sdata.shapes["spots"].copy()
+    table = sdata.tables["table"]
+    region = np.where(np.arange(table.n_obs) < 100, "spots", "more")
+    table.obs["region"] = pd.Categorical(region)
+    del table.uns["spatialdata_attrs"]
+    sdata.tables["table"] = TableModel.parse(table, region=["spots", "more"], region_key="region",
+                                             instance_key="spot_id")
+    rejects(sdata, ValueError, r"also annotates \['more'\] \(156 of its 256 rows\).*TableModel.parse.*region='spots'",
+            size_um=110, shapes_key="spots")
+
+
+def test_batch_size_of_one(small):
+    hc.pp.extract_patches(small, size_um=110)
+    rejects(small, ValueError, r"batch_size must be an integer >= 2, got 1.*nothing to contrast", fn=hc.tl.train,
+            max_epochs=1, batch_size=1, accelerator="cpu", **TINY)
+
+
+def test_zero_epochs(small):
+    hc.pp.extract_patches(small, size_um=110)
+    rejects(small, ValueError, r"max_epochs must be a positive integer, got 0.*untrained", fn=hc.tl.train,
+            max_epochs=0, accelerator="cpu", **TINY)
+
+
+def test_as_many_domains_as_spots(small):
+    three = small[:3].copy()
+    three.obsm["X_histoclip"] = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    rejects(three, ValueError, r"n_domains=3 needs at least 6 spots.*got 3", fn=hc.tl.domains, n_domains=3,
+            use_rep="X_histoclip")
+
+
+def test_duplicated_var_names(small):
+    hc.pp.extract_patches(small, size_um=110)
+    small.var_names = ["g0", *small.var_names[1:-1], "g0"]
+    rejects(small, ValueError, r"var_names has 1 duplicated gene names \(first: \['g0'\]\).*var_names_make_unique",
+            fn=hc.tl.train, max_epochs=1, accelerator="cpu", **TINY)
+    rejects(small, ValueError, r"duplicated gene names", fn=hc.tl.domains, n_domains=2)
+
+
+@pytest.mark.parametrize("value", [0, float("nan"), -1.0, "0.2", None])
+@pytest.mark.parametrize("field", ["tissue_hires_scalef", "spot_diameter_fullres"])
+def test_bad_scale_factor_or_spot_diameter(small, field, value):
+    small.uns["spatial"]["toy"]["scalefactors"][field] = value
+    exc = TypeError if isinstance(value, str) or value is None else ValueError
+    rejects(small, exc, rf"\['scalefactors'\]\['{field}'\] must be a positive.*scalefactors_json.json", size_um=110)
+
+
+@pytest.mark.parametrize("value", [0, float("nan"), -55.0, "55"])
+def test_bad_spot_diameter_um(small, value):
+    exc = TypeError if isinstance(value, str) else ValueError
+    rejects(small, exc, r"spot_diameter_um must be a positive.*55 for Visium", spot_diameter_um=value)
+
+
+def test_backed_anndata(small, tmp_path):
+    import anndata as ad
+
+    path = tmp_path / "small.h5ad"
+    small.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=r"backed mode .*small.h5ad.*adata.to_memory\(\)"):
+        hc.pp.extract_patches(backed, size_um=110)
+    with pytest.raises(ValueError, match=r"backed mode"):
+        hc.pp.select_genes(backed, 10)
+    backed.file.close()
+    assert "histoclip" not in ad.read_h5ad(path).uns
+
+
+def test_layer_name_typo(small):
+    hc.pp.extract_patches(small, size_um=110)
+    small.layers["counts"] = small.X.copy()
+    rejects(small, KeyError, r"Layer 'count' not found; adata.layers has \['counts'\]", fn=hc.tl.train,
+            max_epochs=1, accelerator="cpu", layer="count", **{k: v for k, v in TINY.items()})
+
+
+def test_two_spots(small):
+    two = small[:2].copy()
+    hc.pp.extract_patches(two, size_um=110)
+    rejects(two, ValueError, r"Only 2 spots: genes are chosen among those detected in at least three spots.*genes=",
+            fn=hc.tl.train, max_epochs=1, accelerator="cpu", **TINY)
+
+
+def test_integer_image_above_255_is_rejected_before_work(small):
+    img = small.uns["spatial"]["toy"]["images"]["hires"].astype(np.int32)
+    img[0, 0, 0] = 4095  # 12-bit camera values
+    small.uns["spatial"]["toy"]["images"]["hires"] = img
+    rejects(small, ValueError, r"dtype int32 with values in \[\d+, 4095\], outside \[0, 255\].*uint8.*uint16",
+            size_um=110)
+
+
+def _fullres_file(small, tmp_path, name: str, data: bytes | None = None) -> Path:
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.fromarray(small.uns["spatial"]["toy"]["images"]["hires"]).save(path)
+    if data is not None:
+        path.write_bytes(data)
+    lib = small.uns["spatial"]["toy"]
+    lib["metadata"]["fullres_image"] = str(path)
+    small.obsm["spatial"] = small.obsm["spatial"] * lib["scalefactors"]["tissue_hires_scalef"]
+    lib["scalefactors"]["spot_diameter_fullres"] *= lib["scalefactors"]["tissue_hires_scalef"]
+    return path
+
+
+def test_truncated_jpeg_names_the_path(small, tmp_path):
+    path = _fullres_file(small, tmp_path, "slide.jpg")
+    path.write_bytes(path.read_bytes()[:2000])
+    rejects(small, ValueError, r"slide.jpg' cannot be decoded \(truncated or corrupted\?\)", img_key="fullres",
+            size_um=110)
+
+
+def test_corrupted_decode_cache_is_rebuilt(small, tmp_path, caplog):
+    from histoclip.io._image import _cache_path
+
+    path = _fullres_file(small, tmp_path, "slide.png")
+    hc.pp.extract_patches(small, img_key="fullres", size_um=110)
+    expected = PatchReader(resolve(small, img_key="fullres"), small.obsm["histoclip_patch_box"], 16)(5)
+    cache = _cache_path(path)
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # a disk filled up while it was written
+    with caplog.at_level(logging.WARNING, logger="histoclip"):
+        got = PatchReader(resolve(small, img_key="fullres"), small.obsm["histoclip_patch_box"], 16)(5)
+    assert "is unreadable" in caplog.text and "decoding the image again" in caplog.text
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_singular_coordinate_transformation(toy_sdata):
+    from spatialdata.transformations import Scale, set_transformation
+
+    set_transformation(toy_sdata.images["he"], Scale([0.0, 5.0], axes=("y", "x")), to_coordinate_system="global")
+    rejects(toy_sdata, ValueError, r"transformation of image 'he' to coordinate system 'global' is singular.*"
+            "set_transformation", size_um=110)
+
+
+def test_sixteen_bit_greyscale_png(small, tmp_path):
+    from PIL import Image
+
+    grey = small.uns["spatial"]["toy"]["images"]["hires"][..., 1]
+    path = _fullres_file(small, tmp_path, "slide16.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(path)  # 16-bit greyscale ("I;16")
+    hc.pp.extract_patches(small, img_key="fullres", size_um=110)
+    got = resolve(small, img_key="fullres").slides[0].image.read(0, 0, grey.shape[1], grey.shape[0])
+    np.testing.assert_array_equal(got, np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_float_image_slightly_above_one(small, caplog):
+    img = small.uns["spatial"]["toy"]["images"]["hires"].astype(np.float32) / 255
+    img.reshape(-1)[::997] = 1.02  # a few pixels over 1 after stain normalisation
+    small.uns["spatial"]["toy"]["images"]["hires"] = img
+    with caplog.at_level(logging.WARNING, logger="histoclip"):
+        image = resolve(small).slides[0].image
+    assert re.search(r"float image in \[0, 1\].*above 1.*clipped", caplog.text)
+    got = image.read(0, 0, img.shape[1], img.shape[0])
+    np.testing.assert_array_equal(got, np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def test_image_larger_than_the_pixel_limit(small, tmp_path, monkeypatch):
+    path = _fullres_file(small, tmp_path, "bomb.png")
+    monkeypatch.setattr(hc.settings, "max_image_pixels", 1000)
+    rejects(small, ValueError, r"bomb.png' decodes to .* pixels, more than histoclip.settings.max_image_pixels = 1,000"
+            r".*raise the limit.*tiled TIFF", img_key="fullres", size_um=110)
+    assert not list(Path(hc.settings.cachedir).glob("bomb-*"))  # nothing decoded
+    monkeypatch.setattr(hc.settings, "max_image_pixels", None)
+    hc.pp.extract_patches(small, img_key="fullres", size_um=110)
+    assert path.is_file()
 
 
 def test_every_test_is_a_row_of_the_docs_table():

@@ -223,3 +223,174 @@ def test_save_is_atomic_and_refuses_to_overwrite(small, tmp_path, monkeypatch):
     monkeypatch.undo()
     loaded = HistoCLIP.load(tmp_path / "m", small, accelerator="cpu")
     np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- races and hostile files
+def test_save_without_overwrite_is_an_exclusive_create(small, tmp_path, monkeypatch):
+    """Two processes saving to one folder: the one that finishes second gets FileExistsError, and the first file
+    stays whole (no check-then-write window)."""
+    import safetensors.torch
+
+    model = HistoCLIP(small, **TINY).train(1, **FIT)
+    real = safetensors.torch.save_file
+    other = b"the other process's model"
+
+    def other_process_finishes_first(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        (tmp_path / "m" / "model.safetensors").write_bytes(other)  # written while this one was serialising
+
+    monkeypatch.setattr(safetensors.torch, "save_file", other_process_finishes_first)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == other
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors"]
+
+
+def test_checkpoint_files_of_two_runs_are_not_mixed(small, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    HistoCLIP(small, **TINY).train(1, checkpoint_dir=ckpt, **FIT)
+    theirs = (ckpt / "optimizer.safetensors").read_bytes()
+    HistoCLIP(small, **TINY).train(1, checkpoint_dir=ckpt, **{**FIT, "rng": 1})  # a second run, same folder
+    (ckpt / "optimizer.safetensors").write_bytes(theirs)  # the first run's optimizer next to the second's model
+    loaded = HistoCLIP.load(ckpt, small, accelerator="cpu")
+    assert "written by another training run" in caplog.text
+    assert loaded._optimizer_state is None
+    # the same run resumes as before
+    caplog.clear()
+    loaded.train(1, checkpoint_dir=ckpt, **FIT)
+    assert HistoCLIP.load(ckpt, small, accelerator="cpu")._optimizer_state is not None
+    assert "another training run" not in caplog.text
+
+
+def test_stored_weights_path_is_never_opened(small, tmp_path, monkeypatch):
+    """A model file naming weights elsewhere: load() and train() never open that path unless the caller names it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = HistoCLIP(small, **TINY).save(tmp_path / "m")  # untrained
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["histoclip"])
+    secret = tmp_path / "elsewhere" / "secret.pth"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not for you")
+    meta["init_params"]["weights"] = str(secret)
+    save_file(load_file(str(path)), str(path), metadata={"histoclip": json.dumps(meta)})
+
+    opened = []
+    real_open, real_load = open, torch.load
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (opened.append(str(f)), real_load(f, *a, **k))[1])
+    loaded = HistoCLIP.load(tmp_path / "m", small, accelerator="cpu")
+    with pytest.raises(ValueError, match=r"names backbone weights .*secret.pth.*never opened.*weights="):
+        loaded.train(1, **FIT)
+    assert not [p for p in opened if "secret" in p]
+    assert loaded.init_params["weights"] == str(secret)  # kept as a record
+
+
+def test_ctrl_c_while_torch_imports_lazily_leaves_torch_working(tmp_path):
+    """Ctrl-C in the first second of a process's first train(), while torch imports ~800 modules on its first
+    optimizer, must not leave half-imported modules that break torch for the rest of the process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import torch
+        import histoclip as hc
+        from histoclip.model import HistoCLIP
+
+        torch.set_num_threads(1)
+        hc.settings.progress = False
+        adata = hc.datasets.toy(n_rows=8, n_cols=8, n_genes=40, rng=0)
+        hc.pp.extract_patches(adata, size_um=110)
+        model = HistoCLIP(adata, n_genes=20, patch_px=8, hidden_dim=32, latent_dim=8)
+        assert "torch._dynamo" not in sys.modules, "this test needs torch's lazy imports still to come"
+
+        class CtrlC:  # presses Ctrl-C while torch, importing torch._dynamo, starts on torch._inductor.config
+            fired = False
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch._inductor.config" and not CtrlC.fired:
+                    CtrlC.fired = True
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlC())
+        try:
+            model.train(1, batch_size=32, accelerator="cpu")
+        except KeyboardInterrupt:
+            print("interrupted")
+        assert CtrlC.fired
+        model.train(1, batch_size=32, accelerator="cpu")
+        print("trained", len(model.history))
+    """))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC.parent)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trained 1" in out.stdout
+
+
+def test_save_and_load_a_safetensors_file_name(small, tmp_path):
+    model = HistoCLIP(small, **TINY).train(1, **FIT)
+    path = model.save(tmp_path / "x.safetensors")
+    assert path == tmp_path / "x.safetensors" and path.is_file()
+    loaded = HistoCLIP.load(tmp_path / "x.safetensors", small, accelerator="cpu")
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(tmp_path / "x.safetensors")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder"):
+        model.save(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # a folder of that name (what earlier versions made) is still a folder
+    old = model.save(tmp_path / "y.safetensors" / "model.safetensors")
+    assert HistoCLIP.load(tmp_path / "y.safetensors", accelerator="cpu").genes == model.genes and old.is_file()
+
+
+def test_loading_onto_other_genes_names_both_gene_sets(small, tmp_path):
+    model = HistoCLIP(small, **TINY).train(1, **FIT)
+    model.save(tmp_path / "m")
+    other = small.copy()
+    other.var_names = [f"ENSG{i:011d}" for i in range(other.n_vars)]
+    snap = snapshot(other)
+    with pytest.raises(KeyError, match=r"20 of the model's 20 genes are absent from the data \(first: \['gene_.*"
+                                       r"the data has 40 genes \(e.g. \['ENSG00000000000'.*0 of them the model's.*"
+                                       r"model.genes"):
+        HistoCLIP.load(tmp_path / "m", other, accelerator="cpu")
+    assert_unchanged(other, snap)
+
+
+def _rewrite(path: Path, edit) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["histoclip"])
+    tensors = load_file(str(path))
+    meta, tensors = edit(meta, tensors)
+    save_file(tensors, str(path), metadata={"histoclip": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("value", [60_000, 10**9])
+def test_model_file_claiming_huge_layers_is_rejected_before_allocating(small, tmp_path, value):
+    import resource
+    import time
+
+    path = HistoCLIP(small, **TINY).train(1, **FIT).save(tmp_path / "m")
+
+    def huge(meta, tensors):
+        meta["init_params"]["hidden_dim"] = value
+        return meta, tensors
+
+    _rewrite(path, huge)
+    rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(ValueError, match=r"not a valid histoclip model file: (init_params.hidden_dim = 1000000000 is "
+                                         r"outside|its tensors do not match .*expression_encoder)"):
+        HistoCLIP.load(tmp_path / "m", accelerator="cpu")
+    assert time.perf_counter() - t0 < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200 * 1024  # KiB: under 200 MB more

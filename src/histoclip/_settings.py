@@ -32,6 +32,10 @@ class HistoclipSettings:
         Folder for decoded full-resolution images kept on disk as memory maps (``$HISTOCLIP_CACHE`` if set).
     progress
         Show a progress bar during training.
+    max_image_pixels
+        Largest JPEG/PNG (width x height) :func:`histoclip.io.open_image` decodes, 300 megapixels by default (about
+        900 MB decoded): a guard against decompression bombs, small files that decode to gigabytes. Raise it (or set
+        ``None``) to read a larger whole-slide JPEG or PNG; TIFF files are read lazily and have no limit.
 
     """
 
@@ -42,6 +46,7 @@ class HistoclipSettings:
         self.datasetdir: Path = Path(os.environ.get("HISTOCLIP_DATA", Path.home() / ".cache" / "histoclip" / "data"))
         self.cachedir: Path = Path(os.environ.get("HISTOCLIP_CACHE", Path.home() / ".cache" / "histoclip" / "images"))
         self.progress: bool = True
+        self.max_image_pixels: int | None = 300_000_000
         self._handler: logging.Handler | None = None
 
     @property
@@ -61,7 +66,7 @@ class HistoclipSettings:
             logger.addHandler(self._handler)
 
     def __repr__(self) -> str:
-        fields = ("verbosity", "device", "num_workers", "datasetdir", "cachedir", "progress")
+        fields = ("verbosity", "device", "num_workers", "datasetdir", "cachedir", "progress", "max_image_pixels")
         return "HistoclipSettings(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ")"
 
 

@@ -60,6 +60,42 @@ def clean_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# entries histoclip reads and never writes: the user's coordinates, image and scale factors, and its own record
+_NEVER_WRITTEN = {"obsm": {"spatial"}, "uns": {"spatial", "histoclip"}}
+
+
+def _written_by_histoclip(adata: AnnData, key: str) -> bool:
+    """Whether an existing ``key`` is histoclip's: a default name, or a ``key_added`` recorded in its parameters."""
+    if key.startswith(("histoclip_", "X_histoclip")):
+        return True
+    root = adata.uns.get("histoclip")
+    params = root.get("params", {}) if isinstance(root, Mapping) else {}
+    for record in params.values() if isinstance(params, Mapping) else ():
+        added = record.get("key_added") if isinstance(record, Mapping) else None
+        if isinstance(added, str) and added and (key == added or key.startswith(added + "_")):
+            return True
+    return False
+
+
+def check_key_added(adata: AnnData, slot: str, key: str) -> None:
+    """Refuse to write ``adata.<slot>[key]`` over data histoclip did not write (the user's coordinates, labels, ...).
+
+    A key histoclip wrote before (a default name, or a ``key_added`` recorded in ``uns["histoclip"]["params"]``) is
+    replaced as usual.
+    """
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"key_added must be a non-empty string, got {key!r}.")
+    what = f"adata.{slot}[{key!r}]"
+    if key in _NEVER_WRITTEN.get(slot, ()):
+        raise ValueError(f"key_added={key!r} would overwrite {what}, which histoclip reads (coordinates, images or its "
+                         "own parameter record); choose another key_added.")
+    if key in getattr(adata, slot) and not _written_by_histoclip(adata, key):
+        raise ValueError(
+            f"key_added={key!r} would overwrite {what}, which histoclip did not write (it is your data). Choose "
+            f"another key_added, or delete it first (del {what}) if it is yours to replace."
+        )
+
+
 def write_results(
     adata: AnnData,
     *,
@@ -76,6 +112,9 @@ def write_results(
     """
     from ._constants import Key
 
+    for slot, items in (("obs", obs), ("obsm", obsm), ("layers", layers), ("uns", uns)):
+        for key in items or {}:
+            check_key_added(adata, slot, key)  # all of them before anything is written
     written: list[str] = []
     for slot, items in (("obs", obs), ("obsm", obsm), ("layers", layers)):
         for key, value in (items or {}).items():

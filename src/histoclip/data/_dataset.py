@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..io._slide import SpotData
@@ -74,9 +73,8 @@ class PatchReader:
         if self._filled is not None and self._filled[i]:
             return self._store[i].copy()
         x0, y0, x1, y1 = (int(v) for v in self.boxes[i])
-        crop = self.images[self.slide_of[i]].read(x0, y0, x1, y1)
-        if crop.shape[0] != self.patch_px or crop.shape[1] != self.patch_px:
-            crop = np.array(Image.fromarray(crop).resize((self.patch_px, self.patch_px), Image.BILINEAR))
+        # resized (bilinear) to patch_px; a pyramid is read at the coarsest level that still holds patch_px pixels
+        crop = self.images[self.slide_of[i]].read_patch(x0, y0, x1, y1, self.patch_px)
         if self._store is not None:
             self._store[i] = crop
             self._filled[i] = True

@@ -16,7 +16,7 @@ from anndata import AnnData
 
 from .._constants import Key
 from .._settings import logger
-from ._image import ImageSource, open_image
+from ._image import ImageSource, MultiscaleImageSource, open_image
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -105,6 +105,37 @@ def resolve(
     )
 
 
+def check_in_memory(adata: AnnData, what: str = "adata") -> None:
+    """Raise a clear error for an AnnData opened in backed mode (``anndata.read_h5ad(path, backed="r")``)."""
+    if getattr(adata, "isbacked", False):
+        raise ValueError(
+            f"{what} is opened in backed mode ({adata.filename}); histoclip reads counts and writes results in memory. "
+            f"Load it first: {what} = {what}.to_memory() (or anndata.read_h5ad(path) without backed=)."
+        )
+
+
+def check_unique_var_names(adata: AnnData, what: str = "adata") -> None:
+    """Raise a clear error when gene names repeat: genes are selected and matched by name."""
+    if adata.var_names.is_unique:
+        return
+    dup = adata.var_names[adata.var_names.duplicated()]
+    raise ValueError(
+        f"{what}.var_names has {len(dup)} duplicated gene names (first: {list(pd.unique(dup)[:5])}); genes are matched "
+        f"by name, so names must be unique. Run {what}.var_names_make_unique() first (scanpy.read_visium and "
+        "spatialdata_io.visium do it unless told not to)."
+    )
+
+
+def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "adata") -> None:
+    """A table counts can be read from: unique gene names, and ``layer`` (if given) among its layers."""
+    check_unique_var_names(adata, what)
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(
+            f"Layer {layer!r} not found; {what}.layers has {list(adata.layers.keys())}. Pass layer= naming the layer "
+            "that holds raw counts, or layer=None for adata.X."
+        )
+
+
 def check_unique_obs_names(adata: AnnData, what: str = "adata") -> None:
     """Raise a clear error when spot names repeat: results are written by name and would be ambiguous."""
     if adata.obs_names.is_unique:
@@ -128,10 +159,17 @@ def check_spatial(adata: AnnData) -> np.ndarray:
             f"{list(adata.obsm.keys())}. Read the slide with scanpy.read_visium / squidpy.read.visium or "
             "spatialdata_io.visium, or set adata.obsm['spatial'] to (x, y) full-resolution pixel coordinates."
         )
-    xy = np.asarray(adata.obsm[Key.obsm.spatial], dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] < 2:
-        raise ValueError(f"adata.obsm['spatial'] must have shape (n_obs, 2), got {xy.shape}.")
-    xy = xy[:, :2]
+    try:
+        xy = np.asarray(adata.obsm[Key.obsm.spatial], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"adata.obsm['spatial'] must hold numbers (x, y in pixels): {err}") from err
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        extra = (
+            " With 3 columns (x, y, z?) or more, histoclip cannot tell which two are the x and y of the image: set "
+            "adata.obsm['spatial'] to those two columns, e.g. adata.obsm['spatial'] = adata.obsm['spatial'][:, :2], "
+            "after checking that they are (x, y) in full-resolution pixels." if xy.ndim == 2 and xy.shape[1] > 2 else ""
+        )
+        raise ValueError(f"adata.obsm['spatial'] must have shape (n_obs, 2): (x, y) per spot, got {xy.shape}.{extra}")
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
         names = list(adata.obs_names[bad][:5])
@@ -144,9 +182,17 @@ def check_spatial(adata: AnnData) -> np.ndarray:
 
 def _library_rows(adata: AnnData, libs: list[str], library_id: str | None, library_key: str | None):
     """Map each library to the row positions that belong to it."""
+    if library_key is not None and library_id is not None:
+        raise ValueError(
+            f"Pass library_key ({library_key!r}: every library of the AnnData) or library_id ({library_id!r}: the only "
+            "library of the AnnData), not both. To use one library of several, subset first: "
+            f"adata = adata[adata.obs[{library_key!r}] == {library_id!r}].copy(), then pass library_id={library_id!r}."
+        )
     if library_key is not None:
         if library_key not in adata.obs:
-            raise KeyError(f"library_key {library_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
+            raise KeyError(
+                f"library_key {library_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}."
+            )
         labels = adata.obs[library_key].astype(str).to_numpy()
         present = list(pd.unique(labels))
         if library_id is not None:
@@ -199,19 +245,43 @@ def _fullres_path(meta: dict, lib: str) -> Path:
     )
 
 
+def positive_number(value: Any, what: str, fix: str) -> float:
+    """``value`` as a positive finite float, or a clear error naming ``what`` and how to ``fix`` it."""
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise TypeError(f"{what} must be a positive number, got {value!r} ({type(value).__name__}). {fix}")
+    try:
+        v = float(np.asarray(value).item()) if np.ndim(value) == 0 else None
+    except (TypeError, ValueError):
+        v = None
+    if v is None:
+        raise TypeError(f"{what} must be a positive number, got {value!r} ({type(value).__name__}). {fix}")
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{what} must be a positive, finite number, got {v}. {fix}")
+    return v
+
+
 def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str) -> float:
+    where = f"adata.uns['spatial'][{lib!r}]"
     if spot_diameter_um is None and "microns_per_pixel" in scalefactors:
-        return float(scalefactors["microns_per_pixel"])
+        return positive_number(scalefactors["microns_per_pixel"], f"{where}['scalefactors']['microns_per_pixel']",
+                               "Fix it from the Space Ranger scalefactors_json.json, or pass spot_diameter_um=....")
     if "spot_diameter_fullres" not in scalefactors:
         raise KeyError(
             f"adata.uns['spatial'][{lib!r}]['scalefactors'] has no 'spot_diameter_fullres' (keys: "
             f"{list(scalefactors)}), so microns cannot be converted to pixels; add it."
         )
     if spot_diameter_um is None:
-        spot_diameter_um = float(meta.get("spot_diameter_um", DEFAULT_SPOT_DIAMETER_UM))
-    if spot_diameter_um <= 0:
-        raise ValueError(f"spot_diameter_um must be positive, got {spot_diameter_um}.")
-    return float(spot_diameter_um) / float(scalefactors["spot_diameter_fullres"])
+        spot_diameter_um = positive_number(meta.get("spot_diameter_um", DEFAULT_SPOT_DIAMETER_UM),
+                                           f"{where}['metadata']['spot_diameter_um']",
+                                           "Fix it, or pass spot_diameter_um=... (55 for Visium, 100 for legacy ST).")
+    else:
+        spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um",
+                                           "Pass the spot diameter in microns: 55 for Visium, 100 for legacy ST.")
+    fullres = positive_number(scalefactors["spot_diameter_fullres"],
+                              f"{where}['scalefactors']['spot_diameter_fullres']",
+                              "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
+                              "spatial/scalefactors_json.json.")
+    return spot_diameter_um / fullres
 
 
 def _resolve_anndata(
@@ -223,6 +293,7 @@ def _resolve_anndata(
     spot_diameter_um: float | None,
     need_image: bool,
 ) -> SpotData:
+    check_in_memory(adata)
     xy = check_spatial(adata)
     check_unique_obs_names(adata)
     spatial = adata.uns.get(Key.uns.spatial, {})
@@ -256,7 +327,10 @@ def _resolve_anndata(
                 raise KeyError(
                     f"adata.uns['spatial'][{lib!r}]['scalefactors'] has no {sf_name!r} (keys: {list(scalefactors)})."
                 )
-            scalef = float(scalefactors[sf_name])
+            scalef = positive_number(scalefactors[sf_name],
+                                     f"adata.uns['spatial'][{lib!r}]['scalefactors'][{sf_name!r}]",
+                                     "It maps full-resolution pixels to this image: copy it from Space Ranger's "
+                                     "spatial/scalefactors_json.json.")
         image = None
         if need_image:
             if key == "fullres":
@@ -337,12 +411,14 @@ def _resolve_spatialdata(
     table = sdata.tables[table_key]
     if table.n_obs == 0:
         raise ValueError(f"Table {table_key!r} is empty (0 rows); nothing to do.")
+    check_in_memory(table, f"sdata.tables[{table_key!r}]")
     check_unique_obs_names(table, f"sdata.tables[{table_key!r}]")
     attrs = table.uns.get("spatialdata_attrs", {})
     region, region_key, instance_key = attrs.get("region"), attrs.get("region_key"), attrs.get("instance_key")
     if region is None or region_key is None or instance_key is None:
         raise ValueError(
-            f"Table {table_key!r} is not linked to spot shapes (its uns['spatialdata_attrs'] is {dict(attrs)}). Link it "
+            f"Table {table_key!r} is not linked to spot shapes (its uns['spatialdata_attrs'] is {dict(attrs)}). "
+            "Link it "
             "with spatialdata.models.TableModel.parse(table, region=<shapes key>, region_key='region', "
             "instance_key='spot_id')."
         )
@@ -356,9 +432,20 @@ def _resolve_spatialdata(
             f"Shapes {shapes_key!r} (annotated by table {table_key!r}) not found; shapes: {list(sdata.shapes.keys())}."
         )
     shapes = sdata.shapes[shapes_key]
-    rows = np.flatnonzero(table.obs[region_key].astype(str).to_numpy() == shapes_key)
+    region_of = table.obs[region_key].astype(str).to_numpy()
+    rows = np.flatnonzero(region_of == shapes_key)
     if rows.size == 0:
         raise ValueError(f"No row of table {table_key!r} has {region_key} == {shapes_key!r}.")
+    if rows.size < table.n_obs:
+        others = sorted(set(pd.unique(region_of)) - {shapes_key})
+        raise ValueError(
+            f"Table {table_key!r} also annotates {others} ({table.n_obs - rows.size} of its {table.n_obs} rows); "
+            f"results are written per row, and only the rows of {shapes_key!r} have spots there. Give histoclip a "
+            f"table of {shapes_key!r} only: sdata.tables['{shapes_key}_table'] = spatialdata.models.TableModel.parse("
+            f"sdata.tables[{table_key!r}][sdata.tables[{table_key!r}].obs[{region_key!r}] == {shapes_key!r}].copy(), "
+            f"region={shapes_key!r}, region_key={region_key!r}, instance_key={instance_key!r}), then pass "
+            f"table_key='{shapes_key}_table'."
+        )
     pos = shapes.index.get_indexer(pd.Index(table.obs[instance_key].to_numpy()[rows]))
     if (pos < 0).any():
         missing = table.obs[instance_key].to_numpy()[rows][pos < 0][:5]
@@ -397,21 +484,40 @@ def _resolve_spatialdata(
             )
         coordinate_system = shapes_key if shapes_key in common else common[0]
     elif coordinate_system not in common:
-        raise ValueError(f"coordinate_system {coordinate_system!r} is not shared by the shapes and image; shared: {common}.")
+        raise ValueError(
+            f"coordinate_system {coordinate_system!r} is not shared by the shapes and image; shared: {common}."
+        )
 
     a_shapes = _affine(shapes, coordinate_system)
+    _check_invertible(a_shapes, f"shapes {shapes_key!r}", coordinate_system)
+    levels: list = []
     if element is not None:
-        arr, a_img = _image_level0(element, coordinate_system)
-        m = np.linalg.inv(a_img) @ a_shapes
+        levels, affines = _image_levels(element, coordinate_system)
+        for k, a in enumerate(affines):
+            _check_invertible(a, f"image {image_key!r}" + (f" (level {k})" if k else ""), coordinate_system)
+        m = np.linalg.inv(affines[0]) @ a_shapes
     else:
-        arr, m = None, a_shapes
+        m = a_shapes
     pts = (m @ np.column_stack([xy, np.ones(len(xy))]).T).T[:, :2]
     px_scale = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
     diameter_px = float(np.median(radius)) * 2.0 * px_scale
+    if not np.isfinite(diameter_px) or diameter_px <= 0:
+        raise ValueError(
+            f"The spots of shapes {shapes_key!r} have a median diameter of {diameter_px:.3g} image pixels (radius "
+            f"column median {float(np.median(radius)):.3g}); the 'radius' column must hold positive spot radii."
+        )
     if spot_diameter_um is None:
         spot_diameter_um = DEFAULT_SPOT_DIAMETER_UM
+    spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um",
+                                       "Pass the spot diameter in microns: 55 for Visium, 100 for legacy ST.")
     um_per_px = float(spot_diameter_um) / diameter_px
-    image = ImageSource(arr, layout="cyx", name=image_key) if (need_image and arr is not None) else None
+    image = None
+    if need_image and levels:
+        if len(levels) == 1:
+            image = ImageSource(levels[0], layout="cyx", name=image_key)
+        else:
+            to_level = [np.linalg.inv(a) @ affines[0] for a in affines]
+            image = MultiscaleImageSource(levels, to_level, layout="cyx", name=image_key)
     logger.info("SpatialData: table %r, shapes %r, image %r, coordinate system %r, %.3g um/px",
                 table_key, shapes_key, image_key, coordinate_system, um_per_px)
     slide = Slide(shapes_key, rows, pts, um_per_px, image_key or "none", image)
@@ -420,11 +526,30 @@ def _resolve_spatialdata(
     return SpotData(table, [slide], None, "spatialdata", keys)
 
 
-def _image_level0(element: Any, cs: str) -> tuple[Any, np.ndarray]:
-    """The full-resolution level of a (possibly multiscale) image as a lazy array, and its affine to ``cs``."""
-    if hasattr(element, "dims"):  # single-scale DataArray
-        return element.data, _affine(element, cs)
-    # multiscale DataTree: level "scale0" is the full resolution
-    level = element["scale0"]
-    da = next(iter(level.ds.data_vars.values()))
-    return da.data, _affine(element, cs)
+def _check_invertible(a: np.ndarray, what: str, cs: str) -> None:
+    det = float(np.linalg.det(a[:2, :2])) if np.isfinite(a).all() else float("nan")
+    if not np.isfinite(det) or abs(det) < 1e-12:
+        raise ValueError(
+            f"The transformation of {what} to coordinate system {cs!r} is singular or not finite (its affine matrix is "
+            f"{np.round(a, 6).tolist()}): it maps the plane onto a line or a point, so image pixels cannot be found "
+            "from it. Fix it with spatialdata.transformations.set_transformation (e.g. a Scale with non-zero factors)."
+        )
+
+
+def _image_levels(element: Any, cs: str) -> tuple[list, list[np.ndarray]]:
+    """The levels of a (possibly multiscale) image as lazy cyx arrays, full resolution first; each level's affine.
+
+    Each affine maps that level's pixels to ``cs``.
+    """
+    if not hasattr(element, "children") or not getattr(element, "children", None):  # single-scale DataArray
+        if not hasattr(element, "data"):
+            raise TypeError(f"Expected a SpatialData image (DataArray or multiscale DataTree), got {type(element)}.")
+        return [element.data], [_affine(element, cs)]
+    names = sorted(element.children, key=lambda n: (len(n), n))  # scale0, scale1, ..., scale10
+    levels, affines = [], []
+    for name in names:
+        node = element[name]
+        da = node["image"] if "image" in node.ds.data_vars else next(iter(node.ds.data_vars.values()))
+        levels.append(da.data)
+        affines.append(_affine(da, cs))
+    return levels, affines

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,20 +15,19 @@ from torch.utils.data import ConcatDataset, DataLoader
 from .._constants import Key
 from .._settings import logger, settings
 from .._utils import RNGLike, resolve_seed
-from .._version import __version__
 from ..data import PatchDataset, PatchReader
-from ..io._slide import SpotData, resolve
+from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
 from ..pp._genes import expression_matrix, select_genes
 from ..pp._graph import gaussian_graph, knn_graph, row_normalize, spot_coords_um
 from ..train import pick_device
 from ..train._distributed import fit_with_strategy
+from . import _save
+from ._save import FILE_NAME, OPTIMIZER_FILE  # noqa: F401 (re-exported: where checkpoints are written)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-FILE_NAME = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"  # written next to FILE_NAME by train(checkpoint_dir=...)
 Modality = Literal["joint", "image", "expression"]
 
 
@@ -54,28 +51,6 @@ class _EpochEnd:
 
     def __getstate__(self) -> dict:
         return {"fn": None}  # a closure over the model cannot (and need not) travel to another process
-
-
-def _atomic_save_file(tensors: dict, target: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _json_default(obj: Any) -> Any:
-    """Numpy scalars and arrays (e.g. from parameters read back from .h5ad) as plain JSON values."""
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def _as_list(data) -> list:
@@ -296,6 +271,8 @@ class HistoCLIP:
         if patch_px is None:
             self.init_params["patch_px"] = 32 if image_features_key is not None else None
         sections = [self._section(d, need_counts=True) for d in self._data]  # validates everything first
+        for sec in sections:
+            check_counts_table(sec.spots.adata, layer)
         if self.init_params["patch_px"] is None:
             px = self.init_params["patch_px"] = _auto_patch_px(sections)
             sections = [replace(s, reader=PatchReader(s.spots, s.reader.boxes, px)) for s in sections]
@@ -510,12 +487,32 @@ class HistoCLIP:
         """
         if max_epochs is None:
             max_epochs = default_max_epochs(sum(s.spots.n_obs for s in self._sections))
-        if max_epochs < 0:
-            raise ValueError(f"max_epochs must be non-negative, got {max_epochs}.")
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int | np.integer) or max_epochs < 1:
+            raise ValueError(
+                f"max_epochs must be a positive integer, got {max_epochs!r}: with no epoch, train() would return the "
+                f"model {'unchanged' if self.is_trained else 'untrained'}. Pass max_epochs=None for the default."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 2:
+            raise ValueError(
+                f"batch_size must be an integer >= 2, got {batch_size!r}: the contrastive loss tells each spot apart "
+                "from the other spots of its batch, so one spot per batch has nothing to contrast (the loss is 0 and "
+                "nothing is learned). Use the default 256, or as many spots as memory allows."
+            )
         seed = resolve_seed(rng)
         device = pick_device(accelerator)
         if not self._sections:
             raise RuntimeError("The model has no training data attached; load it with HistoCLIP.load(dir_path, data).")
+        stored = self.init_params.get("weights")
+        if not self.is_trained and stored is not None and hasattr(self, "_weights_named"):
+            # an untrained model read from a file: its backbone is built again, but a path stored in a file is
+            # never opened unless the caller names it
+            if self._weights_named is None:
+                raise ValueError(
+                    f"This untrained model was loaded from a file that names backbone weights {stored!r}. Paths stored "
+                    "in model files are never opened: name the file yourself, HistoCLIP.load(path, data, "
+                    f"weights={stored!r}), to initialise the backbone from it."
+                )
+            self.init_params["weights"] = self._weights_named
         self.predictor_state = {}  # built from the weights about to change
         if not self.is_trained:
             self.module = self._build_module(seed)
@@ -692,106 +689,28 @@ class HistoCLIP:
         return {k: np.concatenate(v).astype(np.float32) for k, v in out.items() if v}
 
     # ---------------------------------------------------------------------------------------------- save / load
-    def _metadata(self) -> dict[str, Any]:
-        return {
-            "format": 1,
-            "version": __version__,
-            "init_params": self.init_params,
-            "setup_params": self.setup_params,
-            "patch_settings": self.patch_settings,
-            "train_params": self.train_params,
-            "is_trained": self.is_trained,
-            "genes": self.genes,
-            "history": self.history.to_dict(orient="list"),
-        }
+    # (the work is done in model/_save.py, which also checks model files before loading them)
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the model: weights, genes, normalisation and settings, in one safetensors file.
 
-    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Save the model to ``dir_path/model.safetensors``: weights, genes, normalisation and settings.
-
+        ``path`` is a folder (the file is ``path/model.safetensors``) or a file name ending in ``.safetensors``.
         What :func:`histoclip.tl.predict_expression` has built from the training spots (the retrieval reference
         bank: embeddings and expression of every training spot; the regression head) is saved too, so a loaded
         model predicts new slides without its training data: call ``predict_expression`` once with each method
         you will use before saving. The file is written to a temporary name and renamed, so an interrupted save
-        never leaves a broken file. An existing file is only replaced with ``overwrite=True``. Returns the
-        file's path.
-        """
-        from safetensors.torch import save_file
+        never leaves a broken file. An existing file is only replaced with ``overwrite=True``; without it the file
+        is created exclusively, so of two processes saving to one path at once, one gets :class:`FileExistsError`
+        and the other's file stays whole.
 
-        dir_path = Path(dir_path)
-        target = dir_path / FILE_NAME
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
-        dir_path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        tensors["norm.gene_mean"] = torch.from_numpy(self.gene_mean)
-        tensors["norm.gene_std"] = torch.from_numpy(self.gene_std)
-        for kind, arrays in self.predictor_state.items():
-            for name, value in arrays.items():
-                value = np.asarray(value)
-                tensors[f"predictor.{kind}.{name}"] = torch.from_numpy(value.copy() if value.ndim == 0
-                                                                       else np.ascontiguousarray(value))
-        fd, tmp = tempfile.mkstemp(dir=dir_path, prefix=".model-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"histoclip": json.dumps(self._metadata(), default=_json_default)})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        logger.info("Saved the model to %s", target)
-        return target
+        Returns
+        -------
+        The path of the file written.
+
+        """
+        return _save.save_model(self, path, overwrite=overwrite)
 
     def _save_checkpoint(self, dir_path: str | os.PathLike, optimizer_state: dict | None, epoch: int) -> None:
-        """Write ``optimizer.safetensors`` (tensors + JSON, no pickle), then ``model.safetensors``, both atomically."""
-        dir_path = Path(dir_path)
-        dir_path.mkdir(parents=True, exist_ok=True)
-        if optimizer_state is not None:
-            tensors, scalars = {}, {}
-            for pid, entry in optimizer_state["state"].items():
-                for name, value in entry.items():
-                    if torch.is_tensor(value):
-                        tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
-                    else:
-                        scalars[f"{pid}.{name}"] = value
-            meta = {"format": 1, "epoch": int(epoch), "param_groups": optimizer_state["param_groups"],
-                    "scalars": scalars}
-            _atomic_save_file(tensors, dir_path / OPTIMIZER_FILE, {"histoclip_optimizer": json.dumps(meta)})
-        self.save(dir_path, overwrite=True)
-        logger.info("Checkpoint of epoch %d written to %s", epoch, dir_path)
-
-    @staticmethod
-    def _read_optimizer_state(dir_path: Path, epoch: int) -> dict | None:
-        """The optimizer state saved next to a model of ``epoch`` completed epochs, or None."""
-        from safetensors import SafetensorError, safe_open
-
-        path = dir_path / OPTIMIZER_FILE
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["histoclip_optimizer"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as err:
-            raise ValueError(
-                f"{path} is not a readable optimizer checkpoint (corrupted or truncated?): {err}. Delete it to resume "
-                "with fresh optimizer moments."
-            ) from err
-        if int(meta.get("epoch", -1)) != epoch:
-            logger.warning("%s is from epoch %s but the model from epoch %d (interrupted while saving?); resuming "
-                           "with fresh optimizer moments.", path, meta.get("epoch"), epoch)
-            return None
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-        for key, value in meta["scalars"].items():
-            pid, name = key.split(".", 1)
-            state.setdefault(int(pid), {})[name] = value
-        groups = meta["param_groups"]
-        for group in groups:
-            if isinstance(group.get("betas"), list):
-                group["betas"] = tuple(group["betas"])
-        return {"state": state, "param_groups": groups}
+        _save.save_checkpoint(self, dir_path, optimizer_state, epoch)
 
     def _take_optimizer_state(self) -> dict | None:
         state, self._optimizer_state = getattr(self, "_optimizer_state", None), None
@@ -800,20 +719,24 @@ class HistoCLIP:
     @classmethod
     def load(
         cls,
-        dir_path: str | os.PathLike,
+        path: str | os.PathLike,
         data: AnnData | SpatialData | Sequence[AnnData] | None = None,
         *,
         accelerator: str = "auto",
+        weights: str | os.PathLike | None = None,
     ) -> HistoCLIP:
         """Load a model saved with :meth:`save` (no code is unpickled: safetensors + JSON).
 
-        Loading a ``checkpoint_dir`` of :meth:`train` also restores the optimizer state, so that
-        ``HistoCLIP.load(checkpoint_dir, data).train(remaining_epochs)`` resumes the run.
+        The file is checked before anything it describes is allocated: its settings against sane bounds, and the
+        shapes of the network they describe (built on torch's ``"meta"`` device, without memory) against the
+        tensors it holds; a file that fails gets a :class:`ValueError` saying what is wrong. Loading a
+        ``checkpoint_dir`` of :meth:`train` also restores the optimizer state written by the same training run, so
+        that ``HistoCLIP.load(checkpoint_dir, data).train(remaining_epochs)`` resumes it.
 
         Parameters
         ----------
-        dir_path
-            Folder holding ``model.safetensors``.
+        path
+            The folder given to :meth:`save` (holding ``model.safetensors``), or the ``.safetensors`` file itself.
         data
             Data to attach (for embedding and further training): its genes must include the model's, and its
             patches must have the model's physical size. Optional for image-only use and for prediction with the
@@ -821,51 +744,16 @@ class HistoCLIP:
             attached spots when next needed.
         accelerator
             Device to map the weights to.
+        weights
+            Pretrained backbone weights for an *untrained* model that is trained after loading. A weights path
+            stored in the file is a record only: it is never opened unless named here.
+
+        Returns
+        -------
+        The loaded model, in eval mode on the chosen device.
 
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
-        path = Path(dir_path) / FILE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"No saved model at {path}; save one with model.save(dir_path).")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["histoclip"])
-            tensors = load_file(str(path))
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a readable histoclip model file (corrupted or truncated?): {err}") from err
-        self = cls.__new__(cls)
-        self.init_params = meta["init_params"]
-        self.setup_params = meta["setup_params"]
-        self.patch_settings = meta.get("patch_settings", {})
-        self.train_params = meta.get("train_params", {})
-        self.is_trained = bool(meta.get("is_trained", False))
-        self.genes = list(meta["genes"])
-        self.history = pd.DataFrame(meta.get("history", {}))
-        self.gene_mean = tensors.pop("norm.gene_mean").numpy()
-        self.gene_std = tensors.pop("norm.gene_std").numpy()
-        self.predictor_state = {}
-        for key in [k for k in tensors if k.startswith("predictor.")]:
-            _, kind, name = key.split(".", 2)
-            self.predictor_state.setdefault(kind, {})[name] = tensors.pop(key).numpy()
-        weights = self.init_params.get("weights")
-        self.init_params["weights"] = None  # the saved state already holds them
-        self.module = self._build_module(seed=0)
-        self.init_params["weights"] = weights
-        state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
-        try:
-            self.module.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{path} does not match the model it describes: {err}") from err
-        self.device = pick_device(accelerator)
-        self.module.to(self.device).eval()
-        self._optimizer_state = cls._read_optimizer_state(
-            Path(dir_path), int(self.history["epoch"].max()) if len(self.history) else 0)
-        self._data, self._sections, self._train_inputs = [], [], []
-        if data is not None:
-            self._attach(data)
-        return self
+        return _save.load_model(cls, path, data, accelerator=accelerator, weights=weights)
 
     def _attach(self, data) -> None:
         items = _as_list(data)
@@ -875,9 +763,13 @@ class HistoCLIP:
                             need_image=False).adata
             missing = [g for g in self.genes if g not in table.var_names]
             if missing:
+                present = set(self.genes)
                 raise KeyError(
-                    f"{len(missing)} of the model's {len(self.genes)} genes are absent from the data "
-                    f"(first: {missing[:5]})."
+                    f"{len(missing)} of the model's {len(self.genes)} genes are absent from the data (first: "
+                    f"{missing[:5]}); the data has {table.n_vars} genes (e.g. {list(table.var_names[:5])}), "
+                    f"{sum(g in present for g in table.var_names)} of them the model's. Attach data measured on the "
+                    "model's genes (model.genes; e.g. the same gene identifiers: symbols vs. Ensembl ids, "
+                    "var_names_make_unique suffixes), or load without data to embed images or predict expression."
                 )
             size = table.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {}).get("size_um")
             want = self.patch_settings.get("size_um")

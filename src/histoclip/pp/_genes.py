@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._settings import logger
+from ..io._slide import check_counts_table, check_in_memory
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -18,8 +19,8 @@ TARGET_SUM = 1e4
 
 def counts_matrix(adata: AnnData, layer: str | None = None) -> sp.csr_matrix:
     """Raw counts (spots x genes) as float32 CSR, checked to be non-negative."""
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found; adata.layers has {list(adata.layers.keys())}.")
+    check_in_memory(adata)
+    check_counts_table(adata, layer)
     x = adata.layers[layer] if layer is not None else adata.X
     if x is None:
         raise ValueError("adata.X is None: histoclip needs raw counts in adata.X or in a layer (layer=...).")
@@ -68,6 +69,12 @@ def select_genes(
 
     if flavor not in ("moran", "seurat"):
         raise ValueError(f"flavor must be 'moran' or 'seurat', got {flavor!r}.")
+    if adata.n_obs < 3:
+        raise ValueError(
+            f"Only {adata.n_obs} spots: genes are chosen among those detected in at least three spots (and a "
+            "contrastive model needs many spots per batch). Use a slide, or several sections, with more spots; or pass "
+            "genes=[...] to choose the genes yourself."
+        )
     x = counts_matrix(adata, layer)
     detected = np.asarray((x > 0).sum(axis=0)).ravel() >= 3
     if detected.sum() == 0:

@@ -8,8 +8,8 @@ import numpy as np
 
 from .._constants import Key
 from .._settings import logger
-from .._utils import timed, write_results
-from ..io._slide import SpotData, resolve
+from .._utils import check_key_added, timed, write_results
+from ..io._slide import SpotData, positive_number, resolve
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -120,8 +120,13 @@ def extract_patches(
     table_key, image_key, shapes_key, coordinate_system
         SpatialData only: the table, the image (default: the only one, or the one ending in ``hires_image``),
         the spot circles (default: the element the table annotates) and the coordinate system used to align them.
+        A multiscale image (e.g. ``image_key="<id>_full_image"`` from ``spatialdata_io.visium(...,
+        fullres_image_file=...)``) gets boxes in its full-resolution pixels; when patches are read, each comes from
+        the coarsest pyramid level that still holds the model's patch size in pixels (a 32-pixel patch of a
+        full-resolution slide is not decoded from level 0).
     key_added
-        Key in ``obsm`` for the boxes.
+        Key in ``obsm`` for the boxes; an existing entry histoclip did not write (e.g. ``"spatial"``) is never
+        overwritten.
     copy
         Return a modified copy instead of writing to ``data`` (AnnData only).
 
@@ -136,6 +141,8 @@ def extract_patches(
     """
     if copy and not hasattr(data, "obsm"):
         raise ValueError("copy=True is only supported for AnnData input.")
+    if size_um is not None:
+        size_um = positive_number(size_um, "size_um", "Pass the side of the square patch in microns, e.g. 110.")
     spots = resolve(
         data,
         library_id=library_id,
@@ -147,10 +154,9 @@ def extract_patches(
         shapes_key=shapes_key,
         coordinate_system=coordinate_system,
     )
+    check_key_added(spots.adata, "obsm", key_added)
     if size_um is None:
         size_um = 2.0 * _spot_um(spots, spot_diameter_um)
-    if not size_um > 0:
-        raise ValueError(f"size_um must be positive, got {size_um}.")
     with timed("extract_patches"):
         boxes, sides = patch_boxes(spots, float(size_um))
     adata = spots.adata.copy() if copy else spots.adata
@@ -181,8 +187,13 @@ def _spot_um(spots: SpotData, spot_diameter_um: float | None) -> float:
             entry = spatial.get(s.library_id, {})
             meta = entry.get("metadata", {}) or {}
             sf = entry.get("scalefactors", {}) or {}
+            where = f"adata.uns['spatial'][{s.library_id!r}]"
             if "spot_diameter_um" in meta:
-                return float(meta["spot_diameter_um"])
+                return positive_number(meta["spot_diameter_um"], f"{where}['metadata']['spot_diameter_um']",
+                                       "Fix it, or pass size_um=....")
             if "microns_per_pixel" in sf and "spot_diameter_fullres" in sf:
-                return float(sf["microns_per_pixel"]) * float(sf["spot_diameter_fullres"])
+                fix = "Fix it, or pass size_um=...."
+                return (positive_number(sf["microns_per_pixel"], f"{where}['scalefactors']['microns_per_pixel']", fix)
+                        * positive_number(sf["spot_diameter_fullres"],
+                                          f"{where}['scalefactors']['spot_diameter_fullres']", fix))
     return DEFAULT_SPOT_DIAMETER_UM

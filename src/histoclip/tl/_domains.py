@@ -228,8 +228,11 @@ def domains(
         )
     if not isinstance(n_domains, int | np.integer) or n_domains < 2:
         raise ValueError(f"n_domains must be an integer >= 2, got {n_domains!r}.")
-    if n_domains > adata.n_obs:
-        raise ValueError(f"n_domains={n_domains} is more than the {adata.n_obs} spots.")
+    if adata.n_obs < 2 * n_domains:
+        raise ValueError(
+            f"n_domains={n_domains} needs at least {2 * n_domains} spots (two per domain), got {adata.n_obs}: with as "
+            "many domains as spots the clustering collapses (e.g. into one domain). Use fewer domains or more spots."
+        )
     if method not in ("gmm", "leiden", "kmeans"):
         raise ValueError(f"method must be 'gmm', 'leiden' or 'kmeans', got {method!r}.")
     if use_rep is None:

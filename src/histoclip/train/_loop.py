@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +60,49 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, colour: float = 0.1) ->
     return out.clamp_(0, 255)
 
 
+_LAZY_IMPORTED = False
+
+
+@contextmanager
+def _deferred_sigint():
+    """Hold back Ctrl-C (SIGINT) inside the block and deliver it as KeyboardInterrupt right after it.
+
+    A no-op outside the main thread (where Python delivers signals) or when SIGINT is not Python's default handler.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def import_lazy_modules() -> None:
+    """Import what torch imports lazily on a process's first optimizer (``torch._dynamo``, ~800 modules, ~1 s).
+
+    Torch does that on the first ``torch.optim.AdamW(...)`` of a process. A Ctrl-C in the middle of it would
+    leave half-imported modules behind, and torch failing for the rest of the process; so it happens here, once,
+    with Ctrl-C held back until the imports are complete (then raised, before training starts).
+    """
+    global _LAZY_IMPORTED
+    if _LAZY_IMPORTED:
+        return
+    with _deferred_sigint():
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([p], lr=1e-3)
+        p.sum().backward()
+        opt.step()
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1)
+        import tqdm.auto  # noqa: F401 (imported lazily below)
+    _LAZY_IMPORTED = True
+
+
 @dataclass
 class TrainingResult:
     """What a training run leaves: its history and how it ended."""
@@ -106,6 +152,7 @@ def fit(
     n = len(dataset)
     if n < 2:
         raise ValueError(f"Training needs at least 2 spots, got {n}.")
+    import_lazy_modules()  # before anything below: Ctrl-C during torch's first lazy imports must not break torch
     batch_size = int(min(batch_size, n))
     rank, world = rank_and_world()  # (0, 1) unless under torch.distributed (see train/_distributed.py)
     loader_gen = torch.Generator().manual_seed(seed)
