@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,12 @@ class HistoclipSettings:
         Folder for decoded full-resolution images kept on disk as memory maps (``$HISTOCLIP_CACHE`` if set).
     progress
         Show a progress bar during training.
+    n_jobs
+        CPU threads for training, embedding and image-feature extraction on the CPU (scanpy's name). Reading it
+        gives the number in use; set a positive int, ``-1`` for every CPU this process may use, or ``None`` for
+        the default, :func:`default_n_jobs` (half the usable CPUs, at least one). DataLoader workers
+        (``num_workers``) count against it. torch's thread count is set for the duration of each call and restored
+        afterwards.
 
     """
 
@@ -43,6 +50,7 @@ class HistoclipSettings:
         self.cachedir: Path = Path(os.environ.get("HISTOCLIP_CACHE", Path.home() / ".cache" / "histoclip" / "images"))
         self.progress: bool = True
         self._handler: logging.Handler | None = None
+        self._n_jobs: int | None = None  # None: default_n_jobs()
 
     @property
     def verbosity(self) -> str:
@@ -60,9 +68,86 @@ class HistoclipSettings:
             self._handler.setFormatter(logging.Formatter("%(levelname)s histoclip: %(message)s"))
             logger.addHandler(self._handler)
 
+    # --- threads (issue 13) ---
+    @property
+    def n_jobs(self) -> int:
+        """CPU threads used by training, embedding and feature extraction (see the class docstring)."""
+        return default_n_jobs() if self._n_jobs is None else self._n_jobs
+
+    @n_jobs.setter
+    def n_jobs(self, value: int | None) -> None:
+        if value is None:
+            self._n_jobs = None
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"n_jobs must be a positive int, -1 (all usable CPUs) or None (default), got {value!r}.")
+        if value == -1:
+            value = available_cpus()
+        if value < 1:
+            raise ValueError(f"n_jobs must be a positive int, -1 (all usable CPUs) or None (default), got {value}.")
+        self._n_jobs = value
+
+    # --- end threads ---
+
     def __repr__(self) -> str:
-        fields = ("verbosity", "device", "num_workers", "datasetdir", "cachedir", "progress")
+        fields = ("verbosity", "device", "num_workers", "n_jobs", "datasetdir", "cachedir", "progress")
         return "HistoclipSettings(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ")"
+
+
+# --- threads (issue 13) ---
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a cgroup CPU quota (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), or None when unlimited."""
+    root = Path("/sys/fs/cgroup")
+    candidates = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # cgroup v2
+                candidates.append(("v2", root / path.lstrip("/") / "cpu.max"))
+            elif "cpu" in controllers.split(","):
+                candidates.append(("v1", root / controllers / path.lstrip("/")))
+    except (OSError, ValueError):
+        pass
+    candidates += [("v2", root / "cpu.max"), ("v1", root / "cpu"), ("v1", root / "cpu,cpuacct")]
+    for kind, path in candidates:
+        try:
+            if kind == "v2":
+                quota, period = path.read_text().split()[:2]
+                if quota != "max":
+                    return int(quota) / int(period)
+                return None
+            quota = int((path / "cpu.cfs_quota_us").read_text())
+            period = int((path / "cpu.cfs_period_us").read_text())
+            return quota / period if quota > 0 and period > 0 else None
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``os.sched_getaffinity``), capped by a cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, math.ceil(limit))
+    return max(1, n)
+
+
+def default_n_jobs() -> int:
+    """The default of ``settings.n_jobs``: half the CPUs this process may use, at least one.
+
+    Half, not all: torch's OpenMP threads wait for each other at every operation, so when anything else runs on the
+    same cores (another notebook, a BLAS call, a second training run) a thread per core stalls on the slowest one and
+    training ran 5-10x slower; with threads for half the cores it loses little when the machine is idle. See
+    ``benchmarks/threads.py`` and the *Threads* section of ``docs/performance.md`` for the measurements.
+    """
+    return max(1, available_cpus() // 2)
+
+
+# --- end threads ---
 
 
 settings = HistoclipSettings()
