@@ -19,6 +19,8 @@ def dlpfc() -> AnnData:
     ``uns["spatial"]["151673"]``, spot centres in ``obsm["spatial"]`` (full-resolution pixels), and the manual
     cortical layers (L1-L6, WM; 28 spots unlabelled) in ``obs["layer"]``: the standard spatial-domain benchmark.
     The image is the 600 x 600 px lowres one (a spot is about 4 pixels), so morphology is a weak signal here.
+    squidpy's plots look for a ``hires`` image by default: pass ``img_res_key="lowres"``, e.g.
+    ``sq.pl.spatial_scatter(adata, color="histoclip_domain", img_res_key="lowres")``.
 
     Returns
     -------
