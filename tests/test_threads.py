@@ -17,6 +17,8 @@ def restore_n_jobs():
 
 
 def test_available_cpus_follows_affinity_and_cgroup_quota(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_settings, "OMP_PASSIVE", False)  # waiting OpenMP threads spin: half the CPUs
     monkeypatch.setattr(_settings.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
     monkeypatch.setattr(_settings, "_cgroup_cpu_limit", lambda: None)
     assert _settings.available_cpus() == 8
@@ -24,9 +26,40 @@ def test_available_cpus_follows_affinity_and_cgroup_quota(monkeypatch):
     monkeypatch.setattr(_settings, "_cgroup_cpu_limit", lambda: 2.5)  # e.g. docker --cpus 2.5
     assert _settings.available_cpus() == 3
     assert _settings.default_n_jobs() == 1
+    monkeypatch.setattr(_settings, "OMP_PASSIVE", True)  # they sleep: every usable CPU
+    assert _settings.default_n_jobs() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own cap wins
+    assert _settings.default_n_jobs() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")
+    assert _settings.default_n_jobs() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(_settings.os, "sched_getaffinity", lambda pid: {3}, raising=False)  # taskset -c 3
     assert _settings.available_cpus() == 1
     assert _settings.default_n_jobs() == 1
+
+
+@pytest.mark.parametrize(("first", "env", "policy", "passive"), [
+    ("import histoclip", None, "PASSIVE", True),  # histoclip first: waiting threads sleep
+    ("import torch; import histoclip", None, None, False),  # too late to change OpenMP: left alone
+    ("import histoclip", "ACTIVE", "ACTIVE", False),  # the user's choice is kept
+])
+def test_openmp_wait_policy_is_set_only_before_torch(first, env, policy, passive):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    if env is not None:
+        environ["OMP_WAIT_POLICY"] = env
+    code = (f"{first}\nimport os, json\nfrom histoclip import _settings\n"
+            "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), _settings.OMP_PASSIVE, _settings.default_n_jobs(),"
+            " _settings.available_cpus()]))")
+    proc = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got_policy, got_passive, n_jobs, cpus = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (got_policy, got_passive) == (policy, passive)
+    assert n_jobs == (cpus if passive else max(1, cpus // 2))
 
 
 def test_cgroup_quota_files_are_read(monkeypatch, tmp_path):
@@ -66,9 +99,8 @@ def test_n_jobs_setting_validates(restore_n_jobs):
     assert "n_jobs=" in repr(hc.settings)
 
 
-def test_default_never_takes_every_cpu_of_a_multicore_machine():
-    n = _settings.available_cpus()
-    assert 1 <= _settings.default_n_jobs() <= max(1, n // 2)
+def test_default_never_oversubscribes():
+    assert 1 <= _settings.default_n_jobs() <= _settings.available_cpus()
 
 
 def test_training_runs_on_n_jobs_threads_and_restores_torch(toy_patched, restore_n_jobs, monkeypatch, capsys):

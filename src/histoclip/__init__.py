@@ -7,11 +7,20 @@ so ``import histoclip`` and ``histoclip --help`` do not load torch, scanpy or ma
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
-from ._constants import Key
-from ._settings import settings
-from ._version import __version__
+# OpenMP threads that spin while they wait take the cores that other work on the machine needs, and torch's threads
+# then wait on each other: training ran 5-10x slower on a shared machine (benchmarks/threads.py). Ask OpenMP to let
+# waiting threads sleep. OpenMP reads this once, when torch loads, so it is set only if torch is not loaded yet and
+# the user has not chosen a policy (docs/performance.md, "Threads").
+if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+from ._constants import Key  # noqa: E402
+from ._settings import settings  # noqa: E402
+from ._version import __version__  # noqa: E402
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names the lazy loader below gives
     from . import data, datasets, io, metrics, model, module, pl, pp, tl, train  # noqa: F401

@@ -36,9 +36,9 @@ class HistoclipSettings:
     n_jobs
         CPU threads for training, embedding and image-feature extraction on the CPU (scanpy's name). Reading it
         gives the number in use; set a positive int, ``-1`` for every CPU this process may use, or ``None`` for
-        the default, :func:`default_n_jobs` (half the usable CPUs, at least one). DataLoader workers
-        (``num_workers``) count against it. torch's thread count is set for the duration of each call and restored
-        afterwards.
+        the default, :func:`default_n_jobs` (every usable CPU when OpenMP's waiting threads sleep, half of them
+        otherwise). DataLoader workers (``num_workers``) count against it. torch's thread count is set for the
+        duration of each call and restored afterwards: set this, not ``torch.set_num_threads``.
 
     """
 
@@ -136,15 +136,26 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-def default_n_jobs() -> int:
-    """The default of ``settings.n_jobs``: half the CPUs this process may use, at least one.
+# Whether OpenMP's waiting threads sleep in this process: histoclip/__init__.py sets OMP_WAIT_POLICY=PASSIVE when it
+# is imported before torch and the user chose no policy; OpenMP reads it once, when torch loads.
+OMP_PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
-    Half, not all: torch's OpenMP threads wait for each other at every operation, so when anything else runs on the
-    same cores (another notebook, a BLAS call, a second training run) a thread per core stalls on the slowest one and
-    training ran 5-10x slower; with threads for half the cores it loses little when the machine is idle. See
-    ``benchmarks/threads.py`` and the *Threads* section of ``docs/performance.md`` for the measurements.
+
+def default_n_jobs() -> int:
+    """The default of ``settings.n_jobs``.
+
+    ``OMP_NUM_THREADS`` when the user set it (capped by the usable CPUs). Otherwise every CPU this process may use
+    (:func:`available_cpus`) when OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, which
+    ``import histoclip`` sets when it comes before ``import torch``), and half of them, at least one, when they spin:
+    spinning threads fight any other work on the machine for the cores and wait on each other, and training ran
+    5-10x slower with a thread per core. See ``benchmarks/threads.py`` and the *Threads* section of
+    ``docs/performance.md`` for the measurements.
     """
-    return max(1, available_cpus() // 2)
+    n = available_cpus()
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        return min(n, int(omp))
+    return n if OMP_PASSIVE else max(1, n // 2)
 
 
 # --- end threads ---
