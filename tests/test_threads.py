@@ -155,3 +155,23 @@ def test_threads_restored_when_training_fails(toy_patched, restore_n_jobs, monke
     with pytest.raises(RuntimeError, match="boom"):
         hc.tl.train(toy_patched, max_epochs=1, n_genes=20, rng=0, accelerator="cpu")
     assert torch.get_num_threads() == before
+
+
+def test_image_features_run_on_n_jobs_threads(toy_patched, restore_n_jobs, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from histoclip.module import _pretrained
+
+    seen = []
+    real = _pretrained.FrozenBackbone.forward
+
+    def spy(self, x):
+        seen.append(torch.get_num_threads())
+        return real(self, x)
+
+    monkeypatch.setattr(_pretrained.FrozenBackbone, "forward", spy)
+    before = torch.get_num_threads()
+    target = 2 if before != 2 else 1
+    hc.settings.n_jobs = target
+    hc.tl.image_features(toy_patched, patch_px=32, tta=False, batch_size=256, accelerator="cpu")
+    assert seen and set(seen) == {target}
+    assert torch.get_num_threads() == before
