@@ -175,3 +175,16 @@ def test_image_features_run_on_n_jobs_threads(toy_patched, restore_n_jobs, monke
     hc.tl.image_features(toy_patched, patch_px=32, tta=False, batch_size=256, accelerator="cpu")
     assert seen and set(seen) == {target}
     assert torch.get_num_threads() == before
+
+
+def test_distributed_processes_share_the_default(restore_n_jobs, monkeypatch):
+    from histoclip.train import _loop
+
+    monkeypatch.setattr(_loop, "rank_and_world", lambda: (0, 2))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    hc.settings.n_jobs = None
+    assert _loop.cpu_threads() == max(1, hc.settings.n_jobs // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: all of the node's threads
+    assert _loop.cpu_threads() == hc.settings.n_jobs
+    hc.settings.n_jobs = 4  # an explicit choice is per process
+    assert _loop.cpu_threads() == 4

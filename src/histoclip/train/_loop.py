@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -36,8 +37,17 @@ def pick_device(accelerator: str = "auto") -> torch.device:
 
 
 def cpu_threads(num_workers: int = 0) -> int:
-    """Torch threads for one call: ``settings.n_jobs`` less the DataLoader worker processes, at least one."""
-    return max(1, settings.n_jobs - max(0, int(num_workers)))
+    """Torch threads for one call: ``settings.n_jobs`` less the DataLoader worker processes, at least one.
+
+    Under torch.distributed with the default ``n_jobs``, the CPUs are shared between the processes of the node
+    (``LOCAL_WORLD_SIZE``, else the world size), so that ``devices=n`` on one machine does not run n x n_jobs threads.
+    """
+    n = settings.n_jobs
+    _, world = rank_and_world()
+    if world > 1 and settings._n_jobs is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        n = max(1, n // max(1, local))
+    return max(1, n - max(0, int(num_workers)))
 
 
 @contextmanager
