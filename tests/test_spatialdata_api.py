@@ -95,6 +95,9 @@ def _tl_predict_expression(sdata, model):
 def _pl_domains(sdata, model):
     ax = hc.pl.domains(sdata, image_key=LOW, reference="manual")
     assert len(ax.images) == 1 and len(ax.collections) == 1
+    # without image_key: the image the patches were cut from (the lowres one), not the blank hires placeholder
+    plain = hc.pl.domains(sdata)
+    np.testing.assert_array_equal(plain.images[0].get_array(), ax.images[0].get_array())
 
 
 def _pl_embedding(sdata, model):

@@ -12,7 +12,7 @@ from .._utils import get_table
 from ..io._slide import resolve
 from ..pp._genes import counts_matrix, log_normalize
 from ..pp._patches import _spot_um
-from ._utils import draw_slide
+from ._utils import draw_slide, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -107,7 +107,8 @@ def domain_genes(
         ax.legend(title="expressing", loc="upper left", bbox_to_anchor=(1.16, 1.0), frameon=False, labelspacing=1.1)
         ax.set_title("domain genes")
     else:
-        spots = resolve(data, library_id=library_id, table_key=table_key, image_key=image_key)
+        spots = resolve(data, library_id=library_id, table_key=table_key,
+                        image_key=plot_image_key(data, table_key, image_key))
         slide = spots.slides[0]
         n = len(genes)
         nrows = int(np.ceil(n / ncols))

@@ -13,7 +13,7 @@ from .._constants import Key
 from .._utils import get_table
 from ..io._slide import resolve
 from ..pp._patches import _spot_um
-from ._utils import categories_of, draw_slide, finish, get_ax, palette
+from ._utils import categories_of, draw_slide, finish, get_ax, palette, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -57,8 +57,8 @@ def domains(
     spot_diameter_um
         Physical spot diameter (default as in :func:`histoclip.pp.extract_patches`).
     table_key, image_key
-        SpatialData only: the table, and the image drawn under the spots (default: the only one, or the one ending
-        in ``hires_image``).
+        SpatialData only: the table, and the image drawn under the spots (default: the one the patches were cut
+        from, else the only one, or the one ending in ``hires_image``).
     reference
         Categorical ``obs`` column to share colours with (e.g. the manual layers): each category of ``color`` is
         paired with the reference label it overlaps most, one to one (Hungarian matching, as in
@@ -82,7 +82,8 @@ def domains(
 
     """
     spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
-                    spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
+                    spot_diameter_um=spot_diameter_um, table_key=table_key,
+                    image_key=plot_image_key(data, table_key, image_key))
     adata = spots.adata
     if color not in adata.obs:
         raise KeyError(
