@@ -41,10 +41,12 @@ def one_torch_thread():
     """One torch thread: tiny models train many times faster than with threads spinning on shared cores."""
     import torch
 
-    n = torch.get_num_threads()
+    n, jobs = torch.get_num_threads(), hc.settings._n_jobs
     torch.set_num_threads(1)
+    hc.settings.n_jobs = 1  # training and embedding set torch's threads from this
     yield
     torch.set_num_threads(n)
+    hc.settings.n_jobs = jobs
 
 
 @pytest.fixture(autouse=True)

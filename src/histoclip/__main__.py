@@ -38,7 +38,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
     hc.pl.domains(adata, color="layer", ax=axes[0], title="manual layers")
-    hc.pl.domains(adata, ax=axes[1], title=f"histoclip domains (ARI {scores['ari']:.3f})")
+    hc.pl.domains(adata, ax=axes[1], reference="layer",  # each domain in the colour of the layer it matches
+                  title=f"histoclip domains (ARI {scores['ari']:.3f})")
     fig.tight_layout()
     fig.savefig(png, dpi=130)
     model.save(out / "model", overwrite=True)

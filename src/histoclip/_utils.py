@@ -140,3 +140,23 @@ def timed(what: str):
     t0 = time.perf_counter()
     yield
     logger.info("%s finished (%.1f s)", what, time.perf_counter() - t0)
+
+
+def get_table(data: Any, table_key: str = "table") -> AnnData:
+    """The AnnData a function reads and writes: ``data`` itself, or the table ``table_key`` of a SpatialData."""
+    from anndata import AnnData
+
+    if type(data).__name__ == "SpatialData" and hasattr(data, "tables"):
+        if table_key not in data.tables:
+            raise KeyError(
+                f"SpatialData has no table {table_key!r}; tables: {list(data.tables.keys())}. Pass table_key=...."
+            )
+        return data.tables[table_key]
+    if not isinstance(data, AnnData):
+        raise TypeError(f"Expected an AnnData or a SpatialData object, got {type(data).__name__}.")
+    return data
+
+
+def is_spatialdata(data: Any) -> bool:
+    """Whether ``data`` is a SpatialData object (checked without importing spatialdata)."""
+    return type(data).__name__ == "SpatialData" and hasattr(data, "tables")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -18,6 +19,8 @@ def dlpfc() -> AnnData:
     ``uns["spatial"]["151673"]``, spot centres in ``obsm["spatial"]`` (full-resolution pixels), and the manual
     cortical layers (L1-L6, WM; 28 spots unlabelled) in ``obs["layer"]``: the standard spatial-domain benchmark.
     The image is the 600 x 600 px lowres one (a spot is about 4 pixels), so morphology is a weak signal here.
+    squidpy's plots look for a ``hires`` image by default: pass ``img_res_key="lowres"``, e.g.
+    ``sq.pl.spatial_scatter(adata, color="histoclip_domain", img_res_key="lowres")``.
 
     Returns
     -------
@@ -26,6 +29,32 @@ def dlpfc() -> AnnData:
     """
     path = files("histoclip.datasets") / "_data" / "dlpfc_151673.h5ad"
     return ad.read_h5ad(str(path))
+
+
+def visium_toy() -> Path:
+    """A small real Space Ranger output folder (10x Visium, 100 spots x 100 genes), bundled with the package.
+
+    The folder holds ``filtered_feature_bc_matrix.h5`` and ``spatial/`` (``tissue_positions_list.csv``,
+    ``scalefactors_json.json``, ``tissue_hires_image.png``, ``tissue_lowres_image.png``), the layout
+    ``spatialdata_io.visium``, ``scanpy.read_visium`` and ``squidpy.read.visium`` read, so tutorials and tests can
+    show reading a Space Ranger folder without a download. It is scanpy's test data (scanpy 1.11.5,
+    ``tests/_data/visium_data/1.0.0``, BSD-3-Clause). Its ``hires`` image is a blank placeholder: cut patches from
+    the ``lowres`` one (``image_key="<dataset_id>_lowres_image"``).
+
+    Returns
+    -------
+    The path of the folder (inside the installed package: read it, do not write into it).
+
+    Examples
+    --------
+    >>> import spatialdata_io
+    >>> sdata = spatialdata_io.visium(hc.datasets.visium_toy(), dataset_id="toy")  # doctest: +SKIP
+
+    """
+    path = Path(str(files("histoclip.datasets") / "_data" / "visium_toy"))
+    if not (path / "filtered_feature_bc_matrix.h5").is_file():
+        raise FileNotFoundError(f"The bundled Space Ranger folder is missing from {path}; reinstall histoclip.")
+    return path
 
 
 def toy(

@@ -338,12 +338,14 @@ class HistoCLIP:
     def _section(self, data, *, need_counts: bool) -> _Section:
         sp = self.setup_params
         uses_features = self.init_params["image_features_key"] is not None
+        from ..pp._patches import patch_image_key  # issue 13: reuse the image the patch boxes were cut from
+
         spots = resolve(
             data,
             library_id=sp["library_id"],
             library_key=sp["library_key"],
             table_key=sp["table_key"],
-            image_key=sp["image_key"],
+            image_key=patch_image_key(data, sp["table_key"], sp["image_key"], strict=False),  # the boxes' image
             shapes_key=sp["shapes_key"],
             coordinate_system=sp["coordinate_system"],
             img_key=self._img_key_of(data),

@@ -8,13 +8,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .._constants import Key
+from .._utils import get_table
 from ..io._slide import resolve
 from ..pp._genes import counts_matrix, log_normalize
 from ..pp._patches import _spot_um
-from ._utils import draw_slide
+from ._utils import draw_slide, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from spatialdata import SpatialData
 
 
 def _top_genes(table, n_genes: int) -> list[tuple[str, str]]:
@@ -27,7 +29,7 @@ def _top_genes(table, n_genes: int) -> list[tuple[str, str]]:
 
 
 def domain_genes(
-    adata: AnnData,
+    data: AnnData | SpatialData,
     *,
     n_genes: int = 3,
     kind: Literal["dotplot", "spatial"] = "dotplot",
@@ -35,14 +37,16 @@ def domain_genes(
     library_id: str | None = None,
     layer: str | None = None,
     ncols: int = 4,
+    table_key: str = "table",
+    image_key: str | None = None,
     save: str | Path | None = None,
 ) -> Figure:
     """Show the domain genes found by :func:`histoclip.tl.domain_genes`.
 
     Parameters
     ----------
-    adata
-        AnnData with ``uns["histoclip_domain_genes"]``.
+    data
+        AnnData with ``uns["histoclip_domain_genes"]``, or a SpatialData object whose table ``table_key`` has it.
     n_genes
         Top genes per domain to show (``"dotplot"``); ``"spatial"`` maps the top gene of each domain.
     kind
@@ -57,6 +61,9 @@ def domain_genes(
         Layer with raw counts.
     ncols
         Panels per row (``"spatial"``).
+    table_key, image_key
+        SpatialData only: the table, and the image drawn under the spots (``"spatial"``; default as in
+        :func:`histoclip.pl.domains`).
     save
         Path to save the figure to.
 
@@ -65,6 +72,7 @@ def domain_genes(
     The :class:`matplotlib.figure.Figure`.
 
     """
+    adata = get_table(data, table_key)
     if key not in adata.uns:
         raise KeyError(f"adata.uns[{key!r}] not found; run histoclip.tl.domain_genes(adata) first.")
     table = adata.uns[key]
@@ -99,7 +107,8 @@ def domain_genes(
         ax.legend(title="expressing", loc="upper left", bbox_to_anchor=(1.16, 1.0), frameon=False, labelspacing=1.1)
         ax.set_title("domain genes")
     else:
-        spots = resolve(adata, library_id=library_id)
+        spots = resolve(data, library_id=library_id, table_key=table_key,
+                        image_key=plot_image_key(data, table_key, image_key))
         slide = spots.slides[0]
         n = len(genes)
         nrows = int(np.ceil(n / ncols))

@@ -10,9 +10,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .._constants import Key
+from .._utils import get_table
 from ..io._slide import resolve
 from ..pp._patches import _spot_um
-from ._utils import categories_of, draw_slide, finish, get_ax, palette
+from ._utils import categories_of, draw_slide, finish, get_ax, palette, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -31,6 +32,7 @@ def domains(
     spot_diameter_um: float | None = None,
     table_key: str = "table",
     image_key: str | None = None,
+    reference: str | None = None,
     alpha: float = 0.85,
     title: str | None = None,
     legend: bool = True,
@@ -55,7 +57,14 @@ def domains(
     spot_diameter_um
         Physical spot diameter (default as in :func:`histoclip.pp.extract_patches`).
     table_key, image_key
-        SpatialData only.
+        SpatialData only: the table, and the image drawn under the spots (default: the one the patches were cut
+        from, else the only one, or the one ending in ``hires_image``).
+    reference
+        Categorical ``obs`` column to share colours with (e.g. the manual layers): each category of ``color`` is
+        paired with the reference label it overlaps most, one to one (Hungarian matching, as in
+        :func:`histoclip.tl.match_labels`), and drawn in that label's colour, the one
+        ``hc.pl.domains(data, color=reference)`` uses; the legend names the pair (``"5 (L6)"``). Categories left
+        without a partner get colours the reference does not use.
     alpha
         Opacity of the spots.
     title
@@ -73,39 +82,62 @@ def domains(
 
     """
     spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
-                    spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
+                    spot_diameter_um=spot_diameter_um, table_key=table_key,
+                    image_key=plot_image_key(data, table_key, image_key))
     adata = spots.adata
     if color not in adata.obs:
         raise KeyError(
             f"adata.obs[{color!r}] not found (columns: {list(adata.obs.columns)}); run histoclip.tl.domains first "
             "or pass color=."
         )
+    if reference is not None and reference not in adata.obs:
+        raise KeyError(f"adata.obs[{reference!r}] (reference=) not found; columns: {list(adata.obs.columns)}.")
     if len(spots.slides) > 1 and library_id is None:
         raise ValueError(f"The data hold {len(spots.slides)} libraries; pass library_id= to choose one.")
     slide = spots.slides[0] if library_id is None else next(s for s in spots.slides if s.library_id == library_id)
     series = adata.obs[color]
     cats = categories_of(series)
-    colors = palette(cats, list(adata.uns.get(f"{color}_colors", [])) or None)
+    labels = {c: c for c in cats}
+    if reference is not None:
+        colors, labels = _matched_colors(adata, color, reference)
+    else:
+        colors = palette(cats, list(adata.uns.get(f"{color}_colors", [])) or None)
     values = series.astype(str).to_numpy()[slide.index]
     ax = get_ax(ax)
     draw_slide(ax, slide, values, spot_diameter_um=_spot_um(spots, spot_diameter_um), categorical=True,
                colors=colors, alpha=alpha)
     if legend:
         handles = [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colors[c],
-                          markeredgewidth=0, label=c) for c in cats]
+                          markeredgewidth=0, label=labels[c]) for c in cats]
         ax.legend(handles=handles, title=color, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(title if title is not None else f"{color} ({slide.library_id})")
     finish(ax, save)
     return ax
 
 
+def _matched_colors(adata: AnnData, color: str, reference: str) -> tuple[dict, dict]:
+    """Colours of ``color``'s categories taken from their Hungarian partners in ``reference``, and legend labels."""
+    from ..tl._match import _extra_colors, hungarian_match
+
+    ref_cats = categories_of(adata.obs[reference])
+    ref_colors = palette(ref_cats, list(adata.uns.get(f"{reference}_colors", [])) or None)
+    mapping = hungarian_match(adata.obs[color], adata.obs[reference])
+    cats = categories_of(adata.obs[color])
+    unmatched = [c for c in cats if c not in mapping]
+    extra = dict(zip(unmatched, _extra_colors(len(unmatched), used=list(ref_colors.values())), strict=True))
+    colors = {c: ref_colors[mapping[c]] if c in mapping else extra[c] for c in cats}
+    labels = {c: f"{c} ({mapping[c]})" if c in mapping and mapping[c] != c else c for c in cats}
+    return colors, labels
+
+
 def embedding(
-    adata: AnnData,
+    data: AnnData | SpatialData,
     *,
     use_rep: str = Key.obsm.joint,
     color: str = Key.obs.domain,
     n_neighbors: int = 15,
     rng: int = 0,
+    table_key: str = "table",
     ax: Axes | None = None,
     save: str | Path | None = None,
 ) -> Axes:
@@ -115,8 +147,8 @@ def embedding(
 
     Parameters
     ----------
-    adata
-        AnnData with ``obsm[use_rep]``.
+    data
+        AnnData with ``obsm[use_rep]``, or a SpatialData object whose table ``table_key`` has it.
     use_rep
         Embedding to draw.
     color
@@ -125,6 +157,8 @@ def embedding(
         Neighbours of the UMAP graph.
     rng
         Seed of the UMAP layout.
+    table_key
+        SpatialData only: the table.
     ax, save
         Axes to draw into and path to save to.
 
@@ -136,8 +170,11 @@ def embedding(
     import anndata as ad
     import scanpy as sc
 
+    adata = get_table(data, table_key)
     if use_rep not in adata.obsm:
-        raise KeyError(f"adata.obsm[{use_rep!r}] not found (obsm has {list(adata.obsm.keys())}); run histoclip.tl.embed.")
+        raise KeyError(
+            f"adata.obsm[{use_rep!r}] not found (obsm has {list(adata.obsm.keys())}); run histoclip.tl.embed."
+        )
     if color not in adata.obs:
         raise KeyError(f"adata.obs[{color!r}] not found; columns: {list(adata.obs.columns)}.")
     tmp = ad.AnnData(np.zeros((adata.n_obs, 1), dtype=np.float32), obs=adata.obs[[color]].copy())

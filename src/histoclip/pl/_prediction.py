@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,10 +13,11 @@ from matplotlib.figure import Figure
 
 from ..io._slide import resolve
 from ..pp._genes import expression_matrix
-from ._utils import draw_slide, finish, get_ax
+from ._utils import draw_slide, finish, get_ax, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from spatialdata import SpatialData
 
 
 def _predicted_values(predicted: AnnData, genes: Sequence[str], layer: str | None) -> np.ndarray:
@@ -29,13 +31,15 @@ def _predicted_values(predicted: AnnData, genes: Sequence[str], layer: str | Non
 
 
 def predicted_expression(
-    measured: AnnData,
+    measured: AnnData | SpatialData,
     predicted: AnnData,
     genes: Sequence[str],
     *,
     layer: str | None = None,
     library_id: str | None = None,
     spot_diameter_um: float | None = None,
+    table_key: str = "table",
+    image_key: str | None = None,
     cmap: str = "viridis",
     save: str | Path | None = None,
 ) -> Figure:
@@ -48,7 +52,8 @@ def predicted_expression(
     Parameters
     ----------
     measured
-        The section with counts (spots, image, scale factors).
+        The section with counts (spots, image, scale factors): an AnnData, or a SpatialData object whose table
+        ``table_key`` holds the counts.
     predicted
         The output of :func:`histoclip.tl.predict_expression` for the same spots (same ``obs_names``).
     genes
@@ -56,7 +61,7 @@ def predicted_expression(
     layer
         Layer of ``predicted`` holding the predictions (default ``X``; use ``"histoclip_predicted"`` when the
         predictions were written into the query's layers).
-    library_id, spot_diameter_um
+    library_id, spot_diameter_um, table_key, image_key
         As in :func:`histoclip.pl.domains`.
     cmap
         Colour map.
@@ -71,15 +76,16 @@ def predicted_expression(
     genes = list(genes)
     if not genes:
         raise ValueError("Pass at least one gene.")
-    if not measured.obs_names.equals(predicted.obs_names):
-        common = measured.obs_names.intersection(predicted.obs_names)
-        if len(common) == 0:
-            raise ValueError("measured and predicted share no obs_names; predict for the measured section's spots.")
-        measured, predicted = measured[common], predicted[common]
-    meas = expression_matrix(measured, genes)
-    pred = _predicted_values(predicted, genes, layer)
-    spots = resolve(measured, library_id=library_id, spot_diameter_um=spot_diameter_um)
-    slide = spots.slides[0]
+    spots = resolve(measured, library_id=library_id, spot_diameter_um=spot_diameter_um, table_key=table_key,
+                    image_key=plot_image_key(measured, table_key, image_key))
+    table, slide = spots.adata, spots.slides[0]
+    pos = predicted.obs_names.get_indexer(table.obs_names[slide.index])  # the slide's spots among the predictions
+    keep = pos >= 0
+    if not keep.any():
+        raise ValueError("measured and predicted share no obs_names; predict for the measured section's spots.")
+    meas = expression_matrix(table[slide.index[keep]], genes)
+    pred = _predicted_values(predicted[pos[keep]], genes, layer)
+    slide = replace(slide, index=np.arange(int(keep.sum())), coords=slide.coords[keep])
     from ..metrics import gene_pearson
     from ..pp._patches import _spot_um
 

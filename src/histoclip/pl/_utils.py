@@ -11,6 +11,15 @@ from matplotlib.collections import EllipseCollection
 from ..io._slide import Slide
 
 
+def plot_image_key(data, table_key: str, image_key: str | None) -> str | None:
+    """The image to draw under a SpatialData's spots: ``image_key``, else the one the patches were cut from."""
+    if image_key is not None:
+        return image_key
+    from ..pp._patches import patch_image_key
+
+    return patch_image_key(data, table_key, None, strict=False)
+
+
 def get_ax(ax: Axes | None, figsize=(6, 6)) -> Axes:
     if ax is None:
         _, ax = plt.subplots(figsize=figsize)

@@ -197,3 +197,37 @@ def _spot_um(spots: SpotData, spot_diameter_um: float | None) -> float:
                         * positive_number(sf["spot_diameter_fullres"],
                                           f"{where}['scalefactors']['spot_diameter_fullres']", fix))
     return DEFAULT_SPOT_DIAMETER_UM
+
+
+def patch_image_key(data, table_key: str = "table", image_key: str | None = None, *, strict: bool = True) -> str | None:
+    """The SpatialData image the patch boxes in ``data`` were cut from (AnnData: ``image_key`` unchanged).
+
+    :func:`extract_patches` records the image in ``uns["histoclip"]["params"]["patches"]["image_key"]`` of the
+    table; training and embedding must read pixels from that image, since the boxes are in its pixel frame. Returns
+    the recorded image; ``image_key`` when nothing is recorded. With ``strict``, an ``image_key`` that differs from
+    the recorded one is a :class:`ValueError`, and so is naming none when the object holds several images and
+    nothing is recorded; without ``strict`` the recorded image wins (a differing ``image_key`` is logged).
+    """
+    if not (type(data).__name__ == "SpatialData" and hasattr(data, "tables")) or table_key not in data.tables:
+        return image_key
+    table = data.tables[table_key]
+    recorded = table.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {}).get("image_key")
+    recorded = None if recorded is None else str(recorded)
+    if recorded is None:
+        images = list(data.images.keys())
+        if strict and image_key is None and len(images) > 1 and Key.obsm.patch_box in table.obsm:
+            raise ValueError(
+                f"SpatialData holds several images {images} and the patch boxes of table {table_key!r} do not record "
+                "which one they were cut from; pass image_key=..., or rerun histoclip.pp.extract_patches(sdata, "
+                "image_key=...) so that it is recorded."
+            )
+        return image_key
+    if image_key is not None and image_key != recorded:
+        if strict:
+            raise ValueError(
+                f"image_key={image_key!r}, but the patch boxes of table {table_key!r} were cut from image "
+                f"{recorded!r}; leave image_key out to use {recorded!r}, or rerun histoclip.pp.extract_patches(sdata, "
+                f"image_key={image_key!r}) first."
+            )
+        logger.warning("Using image %r, the one the patch boxes were cut from, not image_key=%r.", recorded, image_key)
+    return recorded

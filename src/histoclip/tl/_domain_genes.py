@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Key
-from .._utils import timed, write_results
-from ..io._slide import check_spatial
+from .._utils import get_table, is_spatialdata, timed, write_results
+from ..io._slide import check_spatial, resolve
 from ..pp._genes import counts_matrix, log_normalize
 from ..pp._graph import knn_graph
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from spatialdata import SpatialData
 
 
 def morans_i(x: np.ndarray, graph) -> np.ndarray:
@@ -25,7 +26,7 @@ def morans_i(x: np.ndarray, graph) -> np.ndarray:
 
 
 def domain_genes(
-    adata: AnnData,
+    data: AnnData | SpatialData,
     *,
     groupby: str = Key.obs.domain,
     n_genes: int = 20,
@@ -35,6 +36,7 @@ def domain_genes(
     max_pval_adj: float = 0.05,
     layer: str | None = None,
     library_key: str | None = None,
+    table_key: str = "table",
     key_added: str = Key.uns.domain_genes,
     copy: bool = False,
 ) -> AnnData | None:
@@ -47,8 +49,9 @@ def domain_genes(
 
     Parameters
     ----------
-    adata
-        AnnData with raw counts, ``obsm["spatial"]`` and the domains in ``obs[groupby]``.
+    data
+        AnnData with raw counts, ``obsm["spatial"]`` and the domains in ``obs[groupby]``; or a SpatialData object
+        whose table ``table_key`` holds them (spot positions from its shapes), where the results are written.
     groupby
         Categorical ``obs`` column of domains (:func:`histoclip.tl.domains` writes ``"histoclip_domain"``).
     n_genes
@@ -65,14 +68,17 @@ def domain_genes(
         Layer with raw counts (default ``X``).
     library_key
         Column of ``obs`` with each spot's library (the spatial graph never links libraries).
+    table_key
+        SpatialData only: the table with the counts and domains.
     key_added
         Key in ``uns`` for the table.
     copy
-        Return a copy instead of writing to ``adata``.
+        Return a copy instead of writing to ``data`` (AnnData only).
 
     Returns
     -------
-    ``None`` or a copy. Sets ``adata.uns["histoclip_domain_genes"]``: a :class:`pandas.DataFrame` with one row per
+    ``None`` or a copy. Sets ``adata.uns["histoclip_domain_genes"]`` (in the table, for SpatialData): a
+    :class:`pandas.DataFrame` with one row per
     (domain, gene): ``domain``, ``rank`` (1 = strongest), ``gene``, ``score``, ``logfoldchange``, ``pval_adj``,
     ``morans_i``, ``frac_in_domain``, ``frac_elsewhere``; and ``uns["histoclip"]["params"]["domain_genes"]``.
 
@@ -80,6 +86,9 @@ def domain_genes(
     import anndata as ad
     import scanpy as sc
 
+    if copy and is_spatialdata(data):
+        raise ValueError("copy=True is only supported for AnnData input.")
+    adata = get_table(data, table_key)
     if groupby not in adata.obs:
         raise KeyError(
             f"adata.obs[{groupby!r}] not found (columns: {list(adata.obs.columns)}); run histoclip.tl.domains first "
@@ -89,7 +98,10 @@ def domain_genes(
     keep = labels.notna().to_numpy()
     if labels[keep].nunique() < 2:
         raise ValueError(f"adata.obs[{groupby!r}] has fewer than two domains; nothing to compare.")
-    xy = check_spatial(adata)
+    if is_spatialdata(data):  # spot centres from the shapes the table annotates
+        xy = resolve(data, table_key=table_key, library_key=library_key, need_image=False).coords()
+    else:
+        xy = check_spatial(adata)
     x = counts_matrix(adata, layer)
     with timed("domain_genes"):
         logx = log_normalize(x)
@@ -102,7 +114,8 @@ def domain_genes(
         groups_col = None
         if library_key is not None:
             if library_key not in adata.obs:
-                raise KeyError(f"library_key {library_key!r} is not a column of adata.obs.")
+                raise KeyError(f"library_key {library_key!r} is not a column of adata.obs; columns: "
+                               f"{list(adata.obs.columns)}.")
             groups_col = adata.obs[library_key].astype(str).to_numpy()
         graph = knn_graph(xy, n_neighbors, groups_col)
         rows = []

@@ -89,6 +89,7 @@ def image_features(
     from ..module._pretrained import FrozenBackbone
     from ..pp._patches import _spot_um
     from ..train import pick_device
+    from ..train._loop import cpu_threads, torch_threads  # issue 13: hc.settings.n_jobs threads, for this call only
 
     spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
                     spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
@@ -110,7 +111,7 @@ def image_features(
     n, n_sizes = adata.n_obs, len(sizes_um)
     offsets = np.cumsum([0] + [net.out_dim * n_sizes for net in nets])
     out = np.zeros((n, int(offsets[-1])), dtype=np.float32)
-    with timed(f"image_features ({', '.join(names)}, {n_sizes} sizes, tta={tta})"):
+    with timed(f"image_features ({', '.join(names)}, {n_sizes} sizes, tta={tta})"), torch_threads(cpu_threads()):
         for j, reader in enumerate(readers):
             for start in range(0, n, batch_size):
                 idx = range(start, min(start + batch_size, n))

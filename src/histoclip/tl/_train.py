@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .._constants import Key
 from .._utils import RNGLike, resolve_seed, timed, write_results
 from ..model import HistoCLIP
+from ..pp._patches import patch_image_key
+from ..train._loop import cpu_threads, torch_threads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +39,9 @@ def train(
         Seed for everything random in training.
     **model_kwargs
         Passed to :class:`histoclip.model.HistoCLIP` (``n_genes``, ``image_backbone``, ``latent_dim``, ...).
+        With SpatialData, ``image_key`` defaults to the image :func:`histoclip.pp.extract_patches` cut the patch
+        boxes from (recorded with them); naming another one is an error, and so is naming none when the object
+        holds several images and none is recorded.
 
     Returns
     -------
@@ -44,6 +50,8 @@ def train(
 
     """
     seed = resolve_seed(rng)
+    if model_kwargs.get("image_features_key") is None:  # patches are read from the image the boxes belong to
+        patch_image_key(data, model_kwargs.get("table_key", "table"), model_kwargs.get("image_key"))
     with timed("train"):
         model = HistoCLIP(data, **model_kwargs)
         model.train(max_epochs, batch_size=batch_size, lr=lr, accelerator=accelerator, rng=seed)
@@ -61,6 +69,7 @@ def embed(
     model: HistoCLIP,
     *,
     modality: str = "all",
+    image_key: str | None = None,
     key_added: str = Key.obsm.joint,
     batch_size: int = 512,
     copy: bool = False,
@@ -76,6 +85,9 @@ def embed(
         A trained :class:`~histoclip.model.HistoCLIP`.
     modality
         ``"all"`` (joint, image and expression) or ``"image"`` (image tower only, for sections without counts).
+    image_key
+        SpatialData only: the image to read patches from. Default: the one :func:`histoclip.pp.extract_patches`
+        cut the boxes from (recorded with them); naming another one is an error.
     key_added
         Key of the joint embedding; the others get ``_image`` and ``_expression`` appended.
     batch_size
@@ -102,7 +114,10 @@ def embed(
     if not isinstance(model, HistoCLIP):
         raise TypeError(f"model must be a histoclip HistoCLIP (from histoclip.tl.train), got {type(model).__name__}.")
     model._check_trained()
-    with timed("embed"):
+    uses_patches = model.init_params.get("image_features_key") is None
+    if uses_patches:
+        image_key = patch_image_key(data, model.setup_params["table_key"], image_key)
+    with timed("embed"), torch_threads(cpu_threads()), _setup_image_key(model, image_key):
         obs: dict[str, np.ndarray] = {}
         if modality == "image":
             if not model.init_params.get("use_image", True):
@@ -124,6 +139,18 @@ def embed(
             raise ValueError("copy=True is only supported for AnnData input.")
         adata = adata.copy()
     params = {"modality": modality, "key_added": key_added, **model.init_params, **model.train_params,
-              "patch_size_um": model.patch_settings.get("size_um")}
+              "patch_size_um": model.patch_settings.get("size_um"), "image_key": image_key}
     write_results(adata, obsm=out, obs=obs or None, params=("embed", params))
     return adata if copy else None
+
+
+@contextmanager
+def _setup_image_key(model: HistoCLIP, image_key: str | None) -> Iterator[None]:
+    """Read patches from ``image_key`` for this call (when the data record none); the model is left as it was."""
+    before = model.setup_params["image_key"]
+    if image_key is not None:
+        model.setup_params["image_key"] = image_key
+    try:
+        yield
+    finally:
+        model.setup_params["image_key"] = before

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import threading
 import time
@@ -35,6 +36,33 @@ def pick_device(accelerator: str = "auto") -> torch.device:
             f"accelerator={accelerator!r} was asked for, but CUDA is not available; use 'cpu' or 'auto'."
         )
     return dev
+
+
+def cpu_threads(num_workers: int = 0) -> int:
+    """Torch threads for one call: ``settings.n_jobs`` less the DataLoader worker processes, at least one.
+
+    Under torch.distributed with the default ``n_jobs``, the CPUs are shared between the processes of the node
+    (``LOCAL_WORLD_SIZE``, else the world size), so that ``devices=n`` on one machine does not run n x n_jobs threads.
+    """
+    n = settings.n_jobs
+    _, world = rank_and_world()
+    if world > 1 and settings._n_jobs is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        n = max(1, n // max(1, local))
+    return max(1, n - max(0, int(num_workers)))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``; the previous count is restored afterwards, even on error."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, colour: float = 0.1) -> torch.Tensor:
@@ -145,6 +173,9 @@ def fit(
     epoch; any other exception in a batch also restores them before it propagates. A non-finite loss stops
     training with :class:`FloatingPointError` naming the epoch and step.
 
+    Runs on ``settings.n_jobs`` torch threads less ``num_workers`` (restored afterwards); the progress bar shows
+    the count.
+
     ``start_epoch`` and ``optimizer_state`` resume a run: the cosine schedule (over ``start_epoch + max_epochs``
     epochs) is fast-forwarded and Adam's moments restored. ``on_epoch_end(epoch, optimizer, row)`` is called after
     each completed epoch with its history row (used for checkpoints).
@@ -153,6 +184,32 @@ def fit(
     if n < 2:
         raise ValueError(f"Training needs at least 2 spots, got {n}.")
     import_lazy_modules()  # before anything below: Ctrl-C during torch's first lazy imports must not break torch
+    with torch_threads(cpu_threads(num_workers)) as n_threads:
+        return _fit(module, dataset, n_threads=n_threads, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+                    weight_decay=weight_decay, seed=seed, device=device, augment=augment, precision=precision,
+                    num_workers=num_workers, start_epoch=start_epoch, optimizer_state=optimizer_state,
+                    on_epoch_end=on_epoch_end)
+
+
+def _fit(
+    module: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    n_threads: int,
+    max_epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: torch.device,
+    augment: bool,
+    precision: str,
+    num_workers: int,
+    start_epoch: int,
+    optimizer_state: dict | None,
+    on_epoch_end,
+) -> TrainingResult:
+    n = len(dataset)
     batch_size = int(min(batch_size, n))
     rank, world = rank_and_world()  # (0, 1) unless under torch.distributed (see train/_distributed.py)
     loader_gen = torch.Generator().manual_seed(seed)
@@ -199,7 +256,8 @@ def fit(
     interrupted = False
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start_epoch, total), desc="histoclip training", unit="epoch",
+    where = f"{n_threads} CPU thread{'s' if n_threads > 1 else ''}" if device.type == "cpu" else device.type
+    bar = tqdm(range(start_epoch, total), desc=f"histoclip training ({where})", unit="epoch",
                disable=not settings.progress or rank != 0, leave=True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + 2 + 7919 * rank)
