@@ -1,43 +1,56 @@
-"""Spatial-domain benchmark: ARI/NMI of histoclip and baselines on DLPFC sections, over seeds.
+"""Spatial-domain benchmark: ARI/NMI of histoclip's representations and baselines on labelled slides, over seeds.
 
-Usage: python benchmarks/domains.py [H5AD ...] [--label layer] [--n-domains K] [--seeds 0 1 2 3 4] [--epochs 30]
+Usage: python benchmarks/domains.py [H5AD ...] [--label layer] [--n-domains K] [--seeds 0 1 2 3 4]
+                                    [--ablation-seeds 0 1 2] [--out benchmarks/results/domains]
 Default slides: ../shared/data/dlpfc/DLPFC_151673.h5ad and DLPFC_151674.h5ad (relative to the repository).
-Metric: adjusted Rand index (and NMI) of the domains against obs[label], spots without a label ignored.
-Prints one JSON record per slide, method and seed, writes benchmarks/results/domains.{json,md}, and a summary table.
-All methods run in this process on the same slide; one set of defaults for every slide.
+Metric: adjusted Rand index (and NMI) of the domains against obs[label], spots without a label ignored, with the number
+of domains set to the number of labels. Every method runs in this process on the same slide with one set of defaults
+for every slide (nothing is tuned per slide). Prints one JSON record per slide, method and seed; writes
+<out>.json and <out>.md (mean and sd over seeds, main table and ablation table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
-from sklearn.decomposition import PCA
-from sklearn.mixture import GaussianMixture
+import pandas as pd
 
 import histoclip as hc
-from histoclip.pp._graph import knn_graph
-from histoclip.tl._domains import smooth_features
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [ROOT.parent / "shared" / "data" / "dlpfc" / f"DLPFC_{s}.h5ad" for s in ("151673", "151674")]
+ABLATIONS = {
+    "without the image branch": {"use_image": False},
+    "without the expression-preserving term (reconstruction)": {"reconstruction_weight": 0.0},
+    "without the cross-modal term": {"cross_modal_weight": 0.0},
+    "without spatial context (no neighbourhood input, no neighbour term)": {"spatial_context": False},
+    "without fusion weights (fixed 0.5/0.5)": {"fusion": "mean"},
+}
 
 
-def baseline(adata: ad.AnnData, k: int, seed: int, smooth: bool) -> np.ndarray:
-    """log-normalise -> HVG (seurat, 2000) -> PCA(30) -> GaussianMixture; optionally neighbour-averaged PCA."""
-    a = adata.copy()
-    sc.pp.normalize_total(a, target_sum=1e4)
-    sc.pp.log1p(a)
-    sc.pp.highly_variable_genes(a, n_top_genes=2000, flavor="seurat")
-    x = PCA(30, random_state=seed).fit_transform(a[:, a.var["highly_variable"]].X.toarray())
-    if smooth:
-        x = smooth_features(x, knn_graph(np.asarray(adata.obsm["spatial"], float), 6), 1)
-    return GaussianMixture(k, covariance_type="full", random_state=seed).fit_predict(x).astype(str)
+def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
+    """What the model sees, scaled and concatenated, with no training: the expression projections of each spot and of
+    its neighbourhood (the model's own basis and graph) and its patch's colour statistics, each block scaled to unit
+    total variance."""
+    import torch
+
+    from histoclip.data import PatchDataset
+    from histoclip.module._module import patch_colour_targets
+
+    section, inputs = model._resolve_query(adata, "joint")
+    own = inputs @ model._basis
+    nbr = np.asarray(section.graph @ own)
+    cols = []
+    for img, _, _ in torch.utils.data.DataLoader(PatchDataset(section.reader, None, None), batch_size=512):
+        cols.append(patch_colour_targets(img).numpy())
+    blocks = [own, nbr, np.concatenate(cols)]
+    return np.concatenate([(b - b.mean(0)) / np.sqrt(((b - b.mean(0)) ** 2).sum(1).mean()) for b in blocks], axis=1)
 
 
 def main() -> None:
@@ -46,12 +59,17 @@ def main() -> None:
     p.add_argument("--label", default="layer")
     p.add_argument("--n-domains", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "domains"))
+    p.add_argument("--from-json", nargs="*", default=[], help="summarise the records of earlier runs (one per slide, "
+                   "run side by side) instead of running")
     args = p.parse_args()
     hc.settings.progress = False
     records = []
-    for path in args.h5ad:
+    load = os.getloadavg()
+    for f in args.from_json:
+        records += json.loads(Path(f).read_text())["records"]
+    for path in [] if args.from_json else args.h5ad:
         adata = ad.read_h5ad(path)
         if "gene_symbol" in adata.var:
             adata.var_names = adata.var["gene_symbol"].astype(str).to_numpy()
@@ -59,51 +77,83 @@ def main() -> None:
         slide = Path(path).stem
         truth = adata.obs[args.label]
         k = args.n_domains or int(truth.dropna().nunique())
-        for seed in args.seeds:
-            def rec(method, labels, seconds):
-                s = hc.metrics.domain_scores(truth, labels)
-                r = {"slide": slide, "method": method, "seed": seed, "ari": s["ari"], "nmi": s["nmi"],
-                     "wall_s": round(seconds, 2)}
-                records.append(r)
-                print(json.dumps(r), flush=True)
+        hc.pp.extract_patches(adata)
 
-            t = time.perf_counter()
-            hc.tl.domains(adata, n_domains=k, rng=seed)
-            rec("histoclip default (Moran-gene PCA, smoothed, tied GMM)", adata.obs["histoclip_domain"],
-                time.perf_counter() - t)
-            t = time.perf_counter()
-            a = adata.copy()
-            hc.pp.extract_patches(a)
-            model = hc.tl.train(a, max_epochs=args.epochs, rng=seed, patch_px=16)
-            hc.tl.embed(a, model)
-            t_train = time.perf_counter() - t
-            for rep, name in (("X_histoclip", "histoclip joint"), ("X_histoclip_expression", "histoclip expression"),
-                              ("X_histoclip_image", "histoclip image")):
+        def rec(table, method, seed, labels, seconds):
+            s = hc.metrics.domain_scores(truth, labels)
+            r = {"table": table, "slide": slide, "method": method, "seed": seed, "ari": s["ari"], "nmi": s["nmi"],
+                 "wall_s": round(seconds, 2), "loadavg_1min": round(os.getloadavg()[0], 2)}
+            records.append(r)
+            print(json.dumps(r), flush=True)
+
+        for seed in sorted(set(args.seeds) | set(args.ablation_seeds)):
+            runs = {"histoclip (defaults)": {}} if seed in args.seeds else {}
+            if seed in args.ablation_seeds:
+                runs.update(ABLATIONS)
+            for name, kwargs in runs.items():
+                a = adata.copy()
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, use_rep=rep, rng=seed)
-                rec(name, a.obs["histoclip_domain"], t_train + time.perf_counter() - t)
-            for smooth, name in ((False, "PCA30 + GMM (non-spatial)"), (True, "neighbour-averaged PCA30 + GMM")):
+                model = hc.tl.train(a, rng=seed, **kwargs)
+                hc.tl.embed(a, model)
+                t_model = time.perf_counter() - t
                 t = time.perf_counter()
-                rec(name, baseline(adata, k, seed, smooth), time.perf_counter() - t)
+                hc.tl.domains(a, n_domains=k, rng=seed)  # the default: the joint embedding, smoothed at 50 um
+                t_dom = time.perf_counter() - t
+                if name != "histoclip (defaults)":
+                    rec("ablation", name, seed, a.obs["histoclip_domain"], t_model + t_dom)
+                    continue
+                rec("main", "tl.domains after tl.embed (joint X_histoclip, the default)", seed,
+                    a.obs["histoclip_domain"], t_model + t_dom)
+                rec("ablation", "histoclip (all components)", seed, a.obs["histoclip_domain"], t_model + t_dom)
+                for rep, label in (("X_histoclip_expression", "expression latent alone"),
+                                   ("X_histoclip_image", "image latent alone")):
+                    t = time.perf_counter()
+                    hc.tl.domains(a, n_domains=k, use_rep=rep, rng=seed)
+                    rec("main", f"tl.domains on {rep} ({label})", seed, a.obs["histoclip_domain"],
+                        t_model + time.perf_counter() - t)
+                t = time.perf_counter()
+                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", method="leiden", smooth_um=0, n_pcs=None,
+                              rng=seed)
+                rec("main", "scanpy workflow: neighbors(use_rep='X_histoclip') + leiden, no smoothing", seed,
+                    a.obs["histoclip_domain"], time.perf_counter() - t)
+                t = time.perf_counter()
+                a.obsm["X_untrained"] = untrained_inputs(a, model)
+                hc.tl.domains(a, n_domains=k, use_rep="X_untrained", smooth_um=50, rng=seed)
+                rec("main", "untrained: the model's inputs scaled and concatenated, same clustering", seed,
+                    a.obs["histoclip_domain"], time.perf_counter() - t)
+                t = time.perf_counter()
+                hc.tl.domains(a, n_domains=k, use_rep="expression_pca", rng=seed)
+                rec("main", "model-free: Moran-gene expression PCA, smoothed at 100 um", seed,
+                    a.obs["histoclip_domain"], time.perf_counter() - t)
+                t = time.perf_counter()
+                hc.tl.domains(a, n_domains=k, use_rep="expression_pca", n_hops=2, n_neighbors=6, rng=seed)
+                rec("main", "model-free, earlier default: 2 hops of 6-NN smoothing", seed, a.obs["histoclip_domain"],
+                    time.perf_counter() - t)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(records, indent=1))
-    import pandas as pd
-
+    out.with_suffix(".json").write_text(json.dumps({"loadavg_at_start": load, "records": records}, indent=1))
     df = pd.DataFrame(records)
-    summary = df.groupby(["method", "slide"]).agg(ari_mean=("ari", "mean"), ari_std=("ari", "std"),
-                                                  nmi_mean=("nmi", "mean"), wall_s=("wall_s", "mean")).round(3)
-    table = summary.reset_index().pivot(index="method", columns="slide")
-    print(table.to_string())
     lines = ["# Spatial domains on DLPFC", "",
-             f"ARI and NMI against `obs['{args.label}']` (unlabelled spots ignored), {k} domains, seeds "
-             f"{args.seeds}, mean and standard deviation over seeds; histoclip model trained {args.epochs} epochs "
-             "(patch_px=16: the lowres image's 110 um patches are 9 px). Produced by `benchmarks/domains.py`; "
-             "wall time is per slide and seed on a 2-core CPU.", "",
-             "| method | slide | ARI mean | ARI std | NMI mean | wall s |", "|---|---|---|---|---|---|"]
-    for (method, slide), row in summary.iterrows():
-        lines.append(f"| {method} | {slide} | {row.ari_mean:.3f} | {row.ari_std:.3f} | {row.nmi_mean:.3f} | "
-                     f"{row.wall_s:.1f} |")
+             f"ARI and NMI against `obs['{args.label}']` (unlabelled spots ignored), as many domains as labels; mean and "
+             f"sd over seeds (main table: seeds {args.seeds}; ablations: seeds {args.ablation_seeds}). Every row uses "
+             "the package defaults (30 epochs for a Visium slide, 16 px patches of the lowres image, GMM with tied "
+             "covariance, 20 restarts); wall time = train + embed + domains per slide and seed on the 2-core CPU, "
+             f"shared with other jobs (1-min load average {load[0]:.1f} at the start; per-record loads in the JSON). "
+             "Produced by `benchmarks/domains.py`.", ""]
+    for table in ("main", "ablation"):
+        sub = df[df.table == table]
+        if sub.empty:
+            continue
+        summary = sub.groupby(["method", "slide"], sort=False).agg(
+            ari_mean=("ari", "mean"), ari_sd=("ari", "std"), nmi_mean=("nmi", "mean"), wall_s=("wall_s", "mean"),
+            n=("seed", "count"))
+        lines += [f"## {table}", "", "| method | slide | ARI mean | ARI sd | NMI mean | wall s | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for (method, slide), row in summary.iterrows():
+            lines.append(f"| {method} | {slide} | {row.ari_mean:.3f} | {row.ari_sd:.3f} | {row.nmi_mean:.3f} | "
+                         f"{row.wall_s:.1f} | {int(row.n)} |")
+        lines.append("")
+        print(summary.round(3).to_string())
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

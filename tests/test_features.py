@@ -24,7 +24,7 @@ def test_dihedral_group():
 def test_features_feed_the_model(toy):
     hc.tl.image_features(toy, backbone="cnn-random", patch_px=32, tta=False, accelerator="cpu")
     m = hc.tl.train(toy, max_epochs=1, n_genes=20, image_features_key="X_histoclip_features", accelerator="cpu")
-    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 16)
+    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 32)
 
 
 def test_resnet_needs_weights_and_unknown_backbone(toy):

@@ -35,9 +35,15 @@ def test_history_and_shapes(trained):
     assert list(model.history["epoch"]) == [1, 2]
     assert np.isfinite(model.history["loss"]).all()
     z = model.get_latent_representation(adata, modality="joint")
-    assert z.shape == (adata.n_obs, 16) and z.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
-    assert model.get_latent_representation(adata, modality="image").shape == (adata.n_obs, 16)
+    assert z.shape == (adata.n_obs, 32) and z.dtype == np.float32
+    zi = model.get_latent_representation(adata, modality="image")
+    ze = model.get_latent_representation(adata, modality="expression")
+    assert zi.shape == ze.shape == (adata.n_obs, 32)
+    # the joint embedding is the per-spot convex combination of the two latents, with the image's weight in [0, 1]
+    section, inputs = model._resolve_query(adata, "joint")
+    w = model._embeddings(section, inputs, 512)["image_weight"]
+    assert ((w >= 0) & (w <= 1)).all() and np.ptp(w) > 0
+    np.testing.assert_allclose(z, (1 - w)[:, None] * ze + w[:, None] * zi, rtol=1e-4, atol=1e-5)
 
 
 def test_save_load_roundtrip_identical(trained, tmp_path):
@@ -97,9 +103,9 @@ def test_needs_patches_first(toy):
 
 
 def test_precomputed_image_features(toy):
-    toy.obsm["feat"] = np.random.default_rng(0).normal(size=(toy.n_obs, 16)).astype(np.float32)
+    toy.obsm["feat"] = np.random.default_rng(0).normal(size=(toy.n_obs, 32)).astype(np.float32)
     m = hc.tl.train(toy, max_epochs=1, n_genes=20, image_features_key="feat", accelerator="cpu")
-    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 16)
+    assert m.get_latent_representation(modality="image").shape == (toy.n_obs, 32)
 
 
 def test_several_sections(toy_patched):

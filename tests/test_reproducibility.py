@@ -65,7 +65,7 @@ def test_same_seed_identical_results_in_two_fresh_processes(tmp_path):
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two runs"
     z = np.load(a / "X_histoclip.npy")
-    assert z.shape == (100, 16) and np.isfinite(z).all() and np.abs(z).max() > 0
+    assert z.shape == (100, 32) and np.isfinite(z).all() and np.abs(z).max() > 0
     assert len(np.unique(np.load(a / "domains.npy"))) > 1
 
 
@@ -84,7 +84,7 @@ def test_params_hold_enough_to_rerun_each_step(tmp_path):
     assert {"seed", "max_epochs", "batch_size", "lr", "weight_decay", "augment", "precision", "patch_size_um",
             "n_genes", "patch_px", "latent_dim", "hidden_dim", "image_backbone", "key_added"} <= set(embed)
     assert embed["seed"] == 3 and embed["patch_size_um"] == 110.0
-    assert {"seed", "n_domains", "method", "use_rep", "smooth_um", "n_neighbors", "n_pcs", "refine",
+    assert {"seed", "n_domains", "method", "use_rep", "smooth_um", "n_pcs", "refine",
             "key_added"} <= set(domains)
     assert domains["seed"] == 5 and domains["n_domains"] == 3
 

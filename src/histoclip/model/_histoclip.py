@@ -202,7 +202,7 @@ class HistoCLIP:
         patch_px: int | None = None,
         hidden_dim: int = 256,
         latent_dim: int = 64,
-        embedding_dim: int = 16,
+        embedding_dim: int = 32,
         n_components: int = 50,
         dropout: float = 0.1,
         temperature: float = 0.1,
@@ -639,8 +639,11 @@ class HistoCLIP:
         if modality not in ("joint", "image", "expression"):
             raise ValueError(f"modality must be 'joint', 'image' or 'expression', got {modality!r}.")
         self._check_trained()
+        if modality == "image" and not self.init_params.get("use_image", True):
+            raise ValueError("This model was trained without its image branch (use_image=False); it has no image "
+                             "embedding.")
         section, inputs = self._resolve_query(data, modality)
-        return self._embeddings(section, inputs, batch_size)[modality]
+        return self._embeddings(section, inputs, batch_size, with_image=modality != "expression")[modality]
 
     @torch.inference_mode()
     def _embed(self, section: _Section, inputs: np.ndarray | None, modality: str, batch_size: int) -> np.ndarray:
@@ -668,13 +671,15 @@ class HistoCLIP:
             yield torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=1)))
 
     @torch.inference_mode()
-    def _embeddings(self, section: _Section, inputs: np.ndarray | None, batch_size: int) -> dict[str, np.ndarray]:
+    def _embeddings(self, section: _Section, inputs: np.ndarray | None, batch_size: int, *,
+                    with_image: bool = True) -> dict[str, np.ndarray]:
         """The latents written by :func:`histoclip.tl.embed`: ``image``, and with ``inputs`` also ``expression``,
-        ``joint`` and ``image_weight`` (the fusion's per-spot weight of the image)."""
+        ``joint`` and ``image_weight`` (the fusion's per-spot weight of the image); ``with_image=False``: only
+        ``expression``."""
         self.module.eval()
         dev = self.device
         out: dict[str, list] = {"image": [], "expression": [], "joint": [], "image_weight": []}
-        use_image = bool(self.init_params.get("use_image", True))
+        use_image = bool(self.init_params.get("use_image", True)) and with_image
         if use_image:
             ds = PatchDataset(section.reader, None, section.features)
             for img, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator()):

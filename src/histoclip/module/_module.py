@@ -91,7 +91,7 @@ class HistoclipModule(nn.Module):
         image_in_features: int | None = None,
         hidden_dim: int = 256,
         latent_dim: int = 64,
-        embedding_dim: int = 16,
+        embedding_dim: int = 32,
         n_components: int = 50,
         dropout: float = 0.1,
         temperature: float = 0.1,

@@ -132,7 +132,7 @@ def domains(
     use_rep: str | None = None,
     n_genes: int = 2000,
     layer: str | None = None,
-    smooth_um: float | None = 100.0,
+    smooth_um: float | Literal["auto"] | None = "auto",
     n_hops: int | None = None,
     n_neighbors: int | None = None,
     n_pcs: int | None = 10,
@@ -173,9 +173,11 @@ def domains(
         Expression PCA only: genes kept by Moran's I, and the layer holding raw counts (default ``X``).
     smooth_um
         Scale of the smoothing in microns: each spot's representation is averaged with its neighbours' within
-        ``3 * smooth_um``, weighted ``exp(-d^2 / (2 smooth_um^2))`` (itself weight 1): on Visium (100 um spacing)
-        the first ring weighs 0.61, on legacy ST (200 um spacing) 0.14, so a coarser grid is smoothed less. ``None``
-        or 0: no smoothing. Microns come from the scale factors' spot diameter.
+        ``3 * smooth_um``, weighted ``exp(-d^2 / (2 smooth_um^2))`` (itself weight 1): at 100 um the first ring of
+        Visium (100 um spacing) weighs 0.61, that of legacy ST (200 um spacing) 0.14, so a coarser grid is smoothed
+        less. ``"auto"``: 50 um for histoclip's embeddings (``obsm["X_histoclip*"]``, whose expression latent already
+        holds each spot's neighbourhood), 100 um for anything else. ``None`` or 0: no smoothing. Microns come from
+        the scale factors' spot diameter.
     n_hops, n_neighbors
         The earlier, grid-counted smoothing: ``n_hops`` rounds of averaging over the ``n_neighbors`` nearest spots
         (either given: used instead of ``smooth_um``; ``n_neighbors`` defaults to 6, ``n_hops`` to 2). The refinement
@@ -216,7 +218,9 @@ def domains(
         use_rep = Key.obsm.joint if Key.obsm.joint in adata.obsm else "expression_pca"
     if use_rep == "expression_pca":  # the name recorded in params for the model-free path
         use_rep = None
-    if smooth_um is not None and (not np.isfinite(smooth_um) or smooth_um < 0):
+    if smooth_um == "auto":
+        smooth_um = 50.0 if use_rep is not None and use_rep.startswith(Key.obsm.joint) else 100.0
+    if smooth_um is not None and (isinstance(smooth_um, str) or not np.isfinite(smooth_um) or smooth_um < 0):
         raise ValueError(f"smooth_um must be a non-negative number of microns (or None), got {smooth_um!r}.")
     grid = n_hops is not None or n_neighbors is not None
     n_hops = 2 if n_hops is None else int(n_hops)
@@ -256,8 +260,9 @@ def domains(
             labels = refine_labels(labels, graph)
         cats = _relabel(labels)
     target = adata.copy() if copy else adata
-    smoothing = {"n_hops": n_hops, "n_neighbors": n_neighbors} if grid else {"smooth_um": smooth_um or 0.0,
-                                                                            "n_neighbors": n_neighbors}
+    # with smooth_um the graph of n_neighbors serves the refinement only: recorded when given, so a rerun from the
+    # record takes the same path
+    smoothing = {"n_hops": n_hops, "n_neighbors": n_neighbors} if grid else {"smooth_um": smooth_um or 0.0}
     params = {"n_domains": int(n_domains), "method": method, "use_rep": use_rep or "expression_pca", **smoothing,
               "n_pcs": n_pcs, "refine": refine, "n_init": n_init, "library_key": library_key,
               "seed": seed, "key_added": key_added, **extra}

@@ -97,7 +97,7 @@ def embed(
 
     Returns
     -------
-    ``None`` or a copy. Sets (float32, ``embedding_dim`` columns each, 16 by default):
+    ``None`` or a copy. Sets (float32, ``embedding_dim`` columns each, 32 by default):
 
     - ``obsm["X_histoclip"]``: the joint embedding, the per-spot weighted fusion of the image and expression
       latents (``modality="all"`` only);
