@@ -100,6 +100,13 @@ def _pl_domains(sdata, model):
     np.testing.assert_array_equal(plain.images[0].get_array(), ax.images[0].get_array())
 
 
+def _pl_image_weight(sdata, model):
+    ax = hc.pl.image_weight(sdata)
+    assert len(ax.images) == 1 and len(ax.collections) == 1
+    w = ax.collections[0].get_array()
+    np.testing.assert_allclose(np.asarray(w), sdata.tables["table"].obs["histoclip_image_weight"].to_numpy(), rtol=1e-6)
+
+
 def _pl_embedding(sdata, model):
     ax = hc.pl.embedding(sdata, n_neighbors=5)
     assert len(ax.collections) == sdata.tables["table"].obs["histoclip_domain"].nunique()
@@ -130,7 +137,7 @@ CASES = {
     "tl.image_features": _tl_image_features, "tl.match_labels": _tl_match_labels,
     "tl.predict_expression": _tl_predict_expression,
     "pl.domains": _pl_domains, "pl.embedding": _pl_embedding, "pl.domain_genes": _pl_domain_genes,
-    "pl.predicted_expression": _pl_predicted_expression,
+    "pl.predicted_expression": _pl_predicted_expression, "pl.image_weight": _pl_image_weight,
 }
 NO_DATA_ARGUMENT = {"pl.loss": "takes a model", "pl.gene_correlation": "takes a Series of correlations"}
 

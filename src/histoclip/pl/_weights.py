@@ -8,7 +8,7 @@ import numpy as np
 from .._constants import Key
 from ..io._slide import resolve
 from ..pp._patches import _spot_um
-from ._utils import draw_slide, finish, get_ax
+from ._utils import draw_slide, finish, get_ax, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -66,7 +66,8 @@ def image_weight(
 
     """
     spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
-                    spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
+                    spot_diameter_um=spot_diameter_um, table_key=table_key,
+                    image_key=plot_image_key(data, table_key, image_key))
     adata = spots.adata
     if key not in adata.obs:
         raise KeyError(f"adata.obs[{key!r}] not found (columns: {list(adata.obs.columns)}); run "

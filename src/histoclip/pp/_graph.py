@@ -150,8 +150,21 @@ def spatial_neighbors(
 
 
 def spot_coords_um(spots) -> np.ndarray:
-    """(n_obs, 2) spot centres in microns (each slide's pixels times its microns per pixel)."""
+    """(n_obs, 2) spot centres in microns (each slide's pixels times its microns per pixel).
+
+    Where :func:`histoclip.pp.extract_patches` recorded the scale of the same image (with the spot diameter the user
+    gave it, e.g. 100 um for legacy ST), that scale is used, so the neighbourhoods of training and domains agree with
+    the patches.
+    """
+    from .._constants import Key
+
+    rec = spots.adata.uns.get(Key.uns.histoclip, {}).get("params", {}).get("patches", {})
+    keys, scales = rec.get("img_key", {}), rec.get("um_per_px", {})
     out = np.full((spots.n_obs, 2), np.nan)
     for s in spots.slides:
-        out[s.index] = np.asarray(s.coords, dtype=np.float64) * float(s.um_per_px)
+        um = float(s.um_per_px)
+        if isinstance(keys, dict) and isinstance(scales, dict) and keys.get(s.library_id) == s.img_key \
+                and s.library_id in scales:
+            um = float(scales[s.library_id])
+        out[s.index] = np.asarray(s.coords, dtype=np.float64) * um
     return out

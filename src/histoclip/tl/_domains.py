@@ -136,6 +136,7 @@ def domains(
     n_hops: int | None = None,
     n_neighbors: int | None = None,
     n_pcs: int | None = 10,
+    spot_diameter_um: float | None = None,
     refine: bool = False,
     covariance_type: Literal["full", "tied", "diag", "spherical"] = "tied",
     n_init: int = 20,
@@ -184,6 +185,10 @@ def domains(
         uses the ``n_neighbors`` nearest spots (6 by default).
     n_pcs
         Principal components kept after smoothing (``None``: no PCA).
+    spot_diameter_um
+        Physical spot diameter, which sets the microns of ``smooth_um`` (default: the one
+        :func:`histoclip.pp.extract_patches` recorded, else ``uns["spatial"][library_id]["metadata"]
+        ["spot_diameter_um"]``, else 55, Visium; use 100 for legacy ST).
     refine
         Majority vote of each spot with its spatial neighbours after clustering.
     covariance_type
@@ -212,7 +217,8 @@ def domains(
 
     """
     seed = resolve_seed(rng)
-    spots = resolve(data, library_key=library_key, table_key=table_key, need_image=False)
+    spots = resolve(data, library_key=library_key, table_key=table_key, spot_diameter_um=spot_diameter_um,
+                    need_image=False)
     adata = spots.adata
     if use_rep is None:
         use_rep = Key.obsm.joint if Key.obsm.joint in adata.obsm else "expression_pca"

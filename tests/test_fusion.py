@@ -1,0 +1,120 @@
+"""The fused model: physical neighbourhoods, neighbour positives, fusion weights, ablations, the domain default."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+import histoclip as hc
+from histoclip.data import PatchDataset
+from histoclip.model import HistoCLIP
+from histoclip.module import HistoclipModule
+from histoclip.pp._graph import gaussian_graph
+
+TINY = {"n_genes": 30, "patch_px": 8, "hidden_dim": 32, "latent_dim": 8, "embedding_dim": 8, "n_components": 10}
+
+
+@pytest.fixture(scope="module")
+def fused(one_torch_thread):
+    adata = hc.datasets.toy(rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+    model = hc.tl.train(adata, max_epochs=2, batch_size=64, rng=0, accelerator="cpu", **TINY)
+    hc.tl.embed(adata, model)
+    return model, adata
+
+
+def test_gaussian_graph_is_physical():
+    # a square grid at 100 um and the same grid at 200 um: neighbours weigh exp(-d^2 / 2 s^2) of their distance in um
+    g = np.stack(np.meshgrid(np.arange(5), np.arange(5)), -1).reshape(-1, 2).astype(float)
+    fine, coarse = gaussian_graph(g * 100, 100.0), gaussian_graph(g * 200, 100.0)
+    centre = 12
+    assert fine[centre, 13] == pytest.approx(np.exp(-0.5), rel=1e-5)
+    assert coarse[centre, 13] == pytest.approx(np.exp(-2.0), rel=1e-5)
+    assert coarse[centre].nnz < fine[centre].nnz  # nothing beyond 3 sigma = 300 um
+    assert (fine != fine.T).nnz == 0 and fine.diagonal().sum() == 0
+    two = gaussian_graph(g * 100, 100.0, groups=np.repeat(["a", "b"], [10, 15]))
+    assert two[:10, 10:].nnz == 0  # libraries are never linked
+    with pytest.raises(ValueError, match="positive number of microns"):
+        gaussian_graph(g, 0.0)
+
+
+def test_neighbour_positives_are_neighbours_and_seeded(fused):
+    model, _ = fused
+    section, x = model._sections[0], model._train_inputs[0]
+    ds = PatchDataset(section.reader, x, None, context=section.graph, positives=True, seed=3)
+    again = PatchDataset(section.reader, x, None, context=section.graph, positives=True, seed=3)
+    g = x.shape[1]
+    for i in (0, 17, 101):
+        item = ds[i][1].numpy()
+        assert item.shape == (4 * g,)
+        np.testing.assert_array_equal(item, again[i][1].numpy())  # same seed, same draws
+        j = [k for k in section.graph[i].indices if k != i and np.allclose(x[k], item[2 * g : 3 * g])]
+        assert j, "the positive is one of the spot's neighbours"
+        np.testing.assert_allclose(item[3 * g :], np.asarray(section.graph[j[0]] @ x).ravel(), rtol=1e-5, atol=1e-6)
+    draws = {tuple(ds[5][1].numpy()[2 * g : 2 * g + 3]) for _ in range(20)}
+    assert len(draws) > 1  # later reads draw other neighbours
+    with pytest.raises(ValueError, match="positives need a context"):
+        PatchDataset(section.reader, x, None, positives=True)
+
+
+def test_fusion_weights_written_and_drawn(fused, tmp_path):
+    model, adata = fused
+    w = adata.obs["histoclip_image_weight"].to_numpy()
+    assert w.shape == (adata.n_obs,) and ((w >= 0) & (w <= 1)).all()
+    z, zi, ze = (adata.obsm[k] for k in ("X_histoclip", "X_histoclip_image", "X_histoclip_expression"))
+    np.testing.assert_allclose(z, (1 - w)[:, None] * ze + w[:, None] * zi, rtol=1e-4, atol=1e-5)
+    ax = hc.pl.image_weight(adata, save=tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 0 and len(ax.collections) == 1
+    plt.close("all")
+    with pytest.raises(KeyError, match="run histoclip.tl.embed"):
+        hc.pl.image_weight(hc.datasets.toy(rng=0))
+
+
+def test_domains_default_to_the_joint_embedding(fused):
+    _, adata = fused
+    a = adata.copy()
+    hc.tl.domains(a, n_domains=3, rng=0)
+    params = a.uns["histoclip"]["params"]["domains"]
+    assert params["use_rep"] == "X_histoclip" and params["smooth_um"] == 50.0
+    b = adata.copy()
+    hc.tl.domains(b, n_domains=3, rng=0, use_rep="X_histoclip", smooth_um=50)
+    assert (a.obs["histoclip_domain"] == b.obs["histoclip_domain"]).all()
+    c = adata.copy()
+    del c.obsm["X_histoclip"]
+    hc.tl.domains(c, n_domains=3, rng=0)
+    assert c.uns["histoclip"]["params"]["domains"]["use_rep"] == "expression_pca"
+    assert c.uns["histoclip"]["params"]["domains"]["smooth_um"] == 100.0
+    with pytest.raises(ValueError, match="smooth_um"):
+        hc.tl.domains(adata.copy(), n_domains=3, smooth_um=-1)
+
+
+def test_ablation_switches():
+    x = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
+    e = torch.randn(6, 4 * 12)
+    no_image = HistoclipModule(12, embedding_dim=4, n_components=5, use_image=False)
+    z_e = no_image.expression_embedding(e[:, :24])
+    joint, w = no_image.fuse(no_image.image_embedding(x), z_e)
+    torch.testing.assert_close(joint, z_e)
+    assert (w == 0).all()
+    mean = HistoclipModule(12, embedding_dim=4, n_components=5, fusion="mean")
+    _, w = mean.fuse(mean.image_embedding(x), mean.expression_embedding(e[:, :24]))
+    assert (w == 0.5).all()
+    for kw in ({"reconstruction_weight": 0.0}, {"cross_modal_weight": 0.0}, {"spatial_context": False}, {}):
+        out = HistoclipModule(12, embedding_dim=4, n_components=5, **kw)(x, e)
+        assert torch.isfinite(out.loss)
+        assert (out.spatial is None) == (kw == {"spatial_context": False})
+    with pytest.raises(ValueError, match="fusion"):
+        HistoclipModule(12, fusion="max")
+    with pytest.raises(ValueError, match="reconstruction_weight"):
+        HistoclipModule(12, reconstruction_weight=-1)
+
+
+def test_expression_basis_is_saved_and_restored(fused, tmp_path):
+    model, adata = fused
+    basis = model.module.expression_basis.detach().cpu().numpy()
+    assert basis.shape == (30, 10) and np.abs(basis).sum() > 0
+    loaded = HistoCLIP.load(model.save(tmp_path / "m"), adata)
+    np.testing.assert_array_equal(loaded.module.expression_basis.cpu().numpy(), basis)
+    np.testing.assert_array_equal(loaded.get_latent_representation(adata), model.get_latent_representation(adata))
