@@ -61,7 +61,7 @@ def train(
 def _weight_key(key_added: str) -> str:
     if key_added == Key.obsm.joint:
         return Key.obs.image_weight
-    return f"{key_added.removeprefix('X_')}_image_weight"
+    return f"{key_added}_image_weight"
 
 
 def embed(
@@ -104,8 +104,8 @@ def embed(
     - ``obsm["X_histoclip_image"]``: the image latent;
     - ``obsm["X_histoclip_expression"]``: the expression latent (``modality="all"`` only);
     - ``obs["histoclip_image_weight"]``: the fusion's weight of the image for each spot, in [0, 1] (the expression's
-      is one minus it; ``modality="all"`` only; the column is named ``f"{key_added}_image_weight"`` with the
-      prefix ``X_`` dropped when ``key_added`` is changed), drawn by :func:`histoclip.pl.image_weight`;
+      is one minus it; ``modality="all"`` only; named ``f"{key_added}_image_weight"`` when ``key_added`` is changed),
+      drawn by :func:`histoclip.pl.image_weight`;
     - ``uns["histoclip"]["params"]["embed"]``: the model's settings and training parameters.
 
     """
