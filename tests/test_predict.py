@@ -183,3 +183,18 @@ def test_cv_groups_are_sections_or_spatial_stripes():
     assert sorted(np.unique(s)) == [0, 1, 2, 3, 4] and np.bincount(s).tolist() == [20] * 5
     for k in range(4):  # each stripe is a band along x
         assert coords[s == k, 0].max() < coords[s == k + 1, 0].min()
+
+
+def test_query_features_are_made_like_the_training_features(query):
+    train = [hc.datasets.toy(rng=i) for i in range(3)]
+    kw = dict(backbone="cnn-random", sizes_um=(110,), patch_px=32, tta=False, stain_norm="macenko", accelerator="cpu")
+    for a in train:
+        hc.tl.image_features(a, **kw)
+    model = hc.tl.train(train, max_epochs=1, n_genes=20, image_features_key="X_histoclip_features", rng=0,
+                        accelerator="cpu")
+    q = query[:, :0].copy()
+    assert "X_histoclip_features" not in q.obsm
+    out = hc.tl.predict_expression(q, model)
+    made = q.uns["histoclip"]["params"]["image_features"]
+    assert made["stain_norm"] == "macenko" and made["img_key"] == "hires" and list(made["sizes_um"]) == [110]
+    assert "stain_norm=macenko" in out.uns["histoclip"]["params"]["predict_expression"]["features"]
