@@ -137,7 +137,8 @@ def test_predict_any_gene_the_training_sections_measured(two_sections_model, que
     x = np.concatenate([context_features(image_representation(model, s), s) for s in secs])
     y = np.concatenate([expression_matrix(s.spots.adata, genes) for s in secs])
     section, _ = model._resolve_query(query, "image")
-    want = apply_ridge(context_features(image_representation(model, section), section), fit_ridge(x, y, cv_groups(secs)))
+    head = fit_ridge(x, y, cv_groups(secs))
+    want = apply_ridge(context_features(image_representation(model, section), section), head)
     np.testing.assert_allclose(reg.X, want, rtol=1e-4, atol=1e-4)
     # retrieval: the same weights as for the model's genes, applied to these genes' expression
     ret = hc.tl.predict_expression(query, model, method="retrieval", genes=genes, k=20, context=0.0)

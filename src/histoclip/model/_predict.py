@@ -136,9 +136,11 @@ N_STRIPES = 5
 
 
 def cv_groups(sections: list[_Section]) -> np.ndarray:
-    """Cross-validation groups of the training spots: one per section, or, with fewer than three sections,
-    ``N_STRIPES`` spatial stripes along each section's longer axis (neighbouring spots stay in one fold, so the
-    neighbour-mean features do not leak the held-out spots' own tissue into training)."""
+    """Cross-validation groups of the training spots: sections, or spatial stripes with fewer than three sections.
+
+    The stripes are ``N_STRIPES`` equal-count bands along each section's longer axis: neighbouring spots stay in one
+    fold, so the neighbour-mean features do not leak the held-out spots' own tissue into training.
+    """
     if len(sections) >= 3:
         return np.concatenate([np.full(s.spots.n_obs, i) for i, s in enumerate(sections)])
     return np.concatenate([spatial_stripes(s.spots.coords(), s.spots.library_labels()) for s in sections])

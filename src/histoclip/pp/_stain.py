@@ -131,8 +131,10 @@ def augment_stain(
     bias: float = 0.05,
     stain: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Random H&E stain jitter for training (Tellez et al. 2019): each patch's haematoxylin and eosin
-    concentrations are scaled by ``U(1 - sigma, 1 + sigma)`` and shifted by ``U(-bias, bias)``.
+    """Random H&E stain jitter for training (Tellez et al. 2019).
+
+    Each patch's haematoxylin and eosin concentrations are scaled by ``U(1 - sigma, 1 + sigma)`` and shifted by
+    ``U(-bias, bias)``.
 
     Made for a training loop's patch transform (uint8 in, uint8 out, one draw per patch): a model that sees
     the same tissue in many stain intensities depends less on one lab's staining.
