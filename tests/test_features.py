@@ -56,3 +56,31 @@ def test_backbone_ensemble_concatenates_each_backbones_features(toy):
     assert names == ["efficientnet-lite0", "efficientnet-lite2"]
     with pytest.raises(ValueError, match="distinct"):
         hc.tl.image_features(small, backbone=["cnn-random", "cnn-random"], accelerator="cpu")
+
+
+def test_stain_norm_normalises_each_patch_with_its_slides_fit(toy, monkeypatch):
+    from histoclip.data import PatchReader
+    from histoclip.io._slide import resolve
+    from histoclip.module._pretrained import FrozenBackbone
+    from histoclip.pp._patches import _spot_um, patch_boxes
+    from histoclip.tl._features import _fit_stains
+
+    # a "backbone" that returns its input pixels: the features show exactly what the network was fed
+    monkeypatch.setattr(FrozenBackbone, "forward", lambda self, x: x.float().flatten(1)[:, : self.out_dim])
+    kw = dict(backbone="cnn-random", sizes_um=(110,), patch_px=32, tta=False, accelerator="cpu")
+    raw = hc.tl.image_features(toy, **kw, copy=True)
+    hc.tl.image_features(toy, **kw, stain_norm="macenko")
+    p = toy.uns["histoclip"]["params"]["image_features"]
+    assert p["stain_norm"] == "macenko" and p["img_key"] == "hires"
+    assert "stain_norm" not in raw.uns["histoclip"]["params"]["image_features"]
+    spots = resolve(toy)
+    reader = PatchReader(spots, patch_boxes(spots, 110)[0], 32)
+    patches = np.stack([reader(i) for i in range(toy.n_obs)])
+    fit = _fit_stains(spots, _spot_um(spots, None))[0]
+    want = hc.pp.normalize_stain(patches, source=fit).transpose(0, 3, 1, 2).reshape(toy.n_obs, -1)[:, :256]
+    np.testing.assert_array_equal(toy.obsm["X_histoclip_features"], want.astype(np.float32))
+    np.testing.assert_array_equal(raw.obsm["X_histoclip_features"],
+                                  patches.transpose(0, 3, 1, 2).reshape(toy.n_obs, -1)[:, :256].astype(np.float32))
+    assert not np.array_equal(want, patches.transpose(0, 3, 1, 2).reshape(toy.n_obs, -1)[:, :256])
+    with pytest.raises(ValueError, match="stain_norm must be"):
+        hc.tl.image_features(toy, backbone="cnn-random", stain_norm="reinhard", accelerator="cpu")

@@ -108,3 +108,94 @@ def test_training_again_drops_the_predictors_built_from_old_weights(query):
     assert model.predictor_state == {}
     again = hc.tl.predict_expression(query, model, method="retrieval", k=10).X
     assert not np.allclose(first, again)  # the bank was rebuilt from the new weights
+
+
+def test_predict_any_gene_the_training_sections_measured(two_sections_model, query, caplog):
+    import logging
+
+    from histoclip.model._predict import (
+        apply_ridge,
+        context_features,
+        cv_groups,
+        fit_ridge,
+        image_representation,
+        reference_bank,
+        retrieve,
+    )
+
+    model = two_sections_model
+    extra = [g for g in query.var_names if g not in model.genes][:3]
+    assert len(extra) == 3
+    genes = [model.genes[0], *extra]
+    with caplog.at_level(logging.INFO, logger="histoclip"):
+        reg = hc.tl.predict_expression(query, model, genes=genes)  # default: regression
+    assert "predict_expression: regression on the trained 'cnn' image tower" in caplog.text
+    assert list(reg.var_names) == genes and np.isfinite(reg.X).all() and (reg.X.std(0) > 0).all()
+    assert reg.uns["histoclip"]["params"]["predict_expression"]["method"] == "regression"
+    # the head fitted on those genes' training expression, as the default head is on the model's genes
+    secs = model._sections
+    x = np.concatenate([context_features(image_representation(model, s), s) for s in secs])
+    y = np.concatenate([expression_matrix(s.spots.adata, genes) for s in secs])
+    section, _ = model._resolve_query(query, "image")
+    head = fit_ridge(x, y, cv_groups(secs))
+    want = apply_ridge(context_features(image_representation(model, section), section), head)
+    np.testing.assert_allclose(reg.X, want, rtol=1e-4, atol=1e-4)
+    # retrieval: the same weights as for the model's genes, applied to these genes' expression
+    ret = hc.tl.predict_expression(query, model, method="retrieval", genes=genes, k=20, context=0.0)
+    bank = reference_bank(model)
+    z = model._embed(section, None, "image", 512)
+    bank["expression"] = y
+    np.testing.assert_allclose(ret.X, retrieve(z, bank, 20, model.init_params["temperature"]), rtol=1e-5, atol=1e-6)
+    default = hc.tl.predict_expression(query, model, method="retrieval", k=20, context=0.0)
+    np.testing.assert_allclose(ret[:, model.genes[0]].X, default[:, model.genes[0]].X, rtol=1e-5, atol=1e-6)
+
+
+def test_genes_not_measured_in_training_are_refused(two_sections_model, query):
+    before = query.copy()
+    with pytest.raises(KeyError, match="not measured in training section 0"):
+        hc.tl.predict_expression(query, two_sections_model, genes=["NOT_A_GENE"])
+    with pytest.raises(ValueError, match="distinct"):
+        hc.tl.predict_expression(query, two_sections_model, genes=["a", "a"])
+    assert query.uns.keys() == before.uns.keys() and query.layers.keys() == before.layers.keys()
+
+
+def test_saved_model_keeps_the_heads_of_other_genes(two_sections_model, query, tmp_path):
+    from histoclip.model import HistoCLIP
+
+    model = two_sections_model
+    genes = [g for g in query.var_names if g not in model.genes][:2]
+    want = {m: hc.tl.predict_expression(query, model, method=m, genes=genes, k=20).X for m in ("regression",
+                                                                                              "retrieval")}
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = HistoCLIP.load(tmp_path / "m", accelerator="cpu")
+    for m, w in want.items():
+        np.testing.assert_allclose(hc.tl.predict_expression(query, loaded, method=m, genes=genes, k=20).X, w,
+                                   rtol=1e-5, atol=1e-6)
+    other = [g for g in query.var_names if g not in model.genes][2:4]
+    with pytest.raises(RuntimeError, match="no training data"):
+        hc.tl.predict_expression(query, loaded, genes=other)
+
+
+def test_cv_groups_are_sections_or_spatial_stripes():
+    from histoclip.model._predict import spatial_stripes
+
+    coords = np.column_stack([np.arange(100) % 10 * 2.0, np.arange(100) // 10 * 1.0])  # wider than tall
+    s = spatial_stripes(coords, np.zeros(100))
+    assert sorted(np.unique(s)) == [0, 1, 2, 3, 4] and np.bincount(s).tolist() == [20] * 5
+    for k in range(4):  # each stripe is a band along x
+        assert coords[s == k, 0].max() < coords[s == k + 1, 0].min()
+
+
+def test_query_features_are_made_like_the_training_features(query):
+    train = [hc.datasets.toy(rng=i) for i in range(3)]
+    kw = dict(backbone="cnn-random", sizes_um=(110,), patch_px=32, tta=False, stain_norm="macenko", accelerator="cpu")
+    for a in train:
+        hc.tl.image_features(a, **kw)
+    model = hc.tl.train(train, max_epochs=1, n_genes=20, image_features_key="X_histoclip_features", rng=0,
+                        accelerator="cpu")
+    q = query[:, :0].copy()
+    assert "X_histoclip_features" not in q.obsm
+    out = hc.tl.predict_expression(q, model)
+    made = q.uns["histoclip"]["params"]["image_features"]
+    assert made["stain_norm"] == "macenko" and made["img_key"] == "hires" and list(made["sizes_um"]) == [110]
+    assert "stain_norm=macenko" in out.uns["histoclip"]["params"]["predict_expression"]["features"]

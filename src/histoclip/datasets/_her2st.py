@@ -1,4 +1,4 @@
-"""HER2-positive breast cancer legacy ST sections (Andersson et al. 2021), downloaded with pooch."""
+"""HER2-positive breast cancer legacy ST sections of patients C and B (Andersson et al. 2021), downloaded with pooch."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ REGISTRY = {
     "data/ST-imgs/C/C4/5714_HE_BT_D2.jpg": "f40607eb1d5f0d125decd71c48b0c5d29cf6776ad92297fd185631208c82d6f2",
     "data/ST-imgs/C/C5/5714_HE_BT_E1.jpg": "34028ea41e376396b50c42b0a11a7e689c85be4a8022e668d0a09cc128c04c65",
     "data/ST-imgs/C/C6/5714_HE_BT_E2.jpg": "dddd87232589648861a9b6776dc1749be8306213f6589aeef0e805fb2b1ee263",
+    "data/ST-cnts/B4.tsv.gz": "e38231c2a38c9bc7e6d550eec0e527c1869ee0e525fc913e708d1323c34f5ebb",
+    "data/ST-spotfiles/B4_selection.tsv": "192b46f3ca414c85753a01a4fb5760a697ca6c0a1aadb949c4687cc6efa9faa0",
+    "data/ST-imgs/B/B4/BT10737_D2_HE.jpg": "3cb165614ce2a13426381e450220dccac980cc9bda6a90fb041c28ca0e2c753d",
 }
 IMAGES = {
     "C2": "data/ST-imgs/C/C2/5714_HE_BT_C2.jpg",
@@ -37,6 +40,7 @@ IMAGES = {
     "C4": "data/ST-imgs/C/C4/5714_HE_BT_D2.jpg",
     "C5": "data/ST-imgs/C/C5/5714_HE_BT_E1.jpg",
     "C6": "data/ST-imgs/C/C6/5714_HE_BT_E2.jpg",
+    "B4": "data/ST-imgs/B/B4/BT10737_D2_HE.jpg",
 }
 SECTIONS = tuple(IMAGES)
 SPOT_DIAMETER_UM = 100.0  # legacy ST: 100 um spots, 200 um apart
@@ -59,17 +63,39 @@ def her2st_registry(path: str | Path | None = None):
     )
 
 
+def _fetch(reg, rel: str) -> str:
+    """``reg.fetch(rel)``, with an error that says which file, its expected hash and where to put it by hand."""
+    import pooch
+
+    local = Path(reg.abspath) / rel
+    try:
+        return reg.fetch(rel)
+    except Exception as err:  # noqa: BLE001 - any network or hash failure gets the same actionable message
+        if local.is_file():
+            state = f"The file at {local} has sha256 {pooch.file_hash(str(local), alg='sha256')}."
+        else:
+            state = f"There is no file at {local}."
+        msg = (
+            f"HER2ST: could not get {rel!r} ({type(err).__name__}: {err}). {state} Expected sha256 {REGISTRY[rel]}. "
+            f"Without network access, download {BASE_URL}{rel} elsewhere and copy it to {local} (it is checked "
+            "against that hash), or pass path= a folder that holds the files in that layout."
+        )
+        raise OSError(msg) from err
+
+
 def her2st(section: str = "C2", *, path: str | Path | None = None) -> AnnData:
-    """One HER2+ breast cancer legacy ST section of patient C (Andersson et al., Nat Commun 2021).
+    """One HER2+ breast cancer legacy ST section: patient C (C2-C6) or patient B (B4) (Andersson et al. 2021).
 
     The raw counts, the spot table and the full-resolution H&E JPEG (~9.3k x 9.9k px, ~0.69 um/px) come from the
     public repository almaan/her2st at a pinned commit, through a pooch registry with sha256 hashes, and are
-    cached in ``histoclip.settings.datasetdir``. Data of the open-access paper.
+    cached in ``histoclip.settings.datasetdir``. Data of the open-access paper. Without network access, or when a
+    cached file has the wrong hash, the error names the file, its expected sha256 and where to copy it by hand.
 
     Parameters
     ----------
     section
-        ``"C2"`` to ``"C6"`` (five consecutive sections of one tumour).
+        ``"C2"`` to ``"C6"`` (five consecutive sections of patient C's tumour) or ``"B4"`` (patient B): train on
+        one patient and predict the other for a patient-level evaluation.
     path
         Cache folder (default ``settings.datasetdir / "her2st"``).
 
@@ -84,9 +110,9 @@ def her2st(section: str = "C2", *, path: str | Path | None = None) -> AnnData:
     if section not in SECTIONS:
         raise ValueError(f"section must be one of {list(SECTIONS)}, got {section!r}.")
     reg = her2st_registry(path)
-    counts_path = reg.fetch(f"data/ST-cnts/{section}.tsv.gz")
-    spots_path = reg.fetch(f"data/ST-spotfiles/{section}_selection.tsv")
-    image_path = reg.fetch(IMAGES[section])
+    counts_path = _fetch(reg, f"data/ST-cnts/{section}.tsv.gz")
+    spots_path = _fetch(reg, f"data/ST-spotfiles/{section}_selection.tsv")
+    image_path = _fetch(reg, IMAGES[section])
     counts = pd.read_csv(counts_path, sep="\t", index_col=0)
     spots = pd.read_csv(spots_path, sep="\t")
     spots = spots[spots["selected"] == 1].copy()

@@ -101,11 +101,14 @@ def neighbour_mean(x: np.ndarray, section: _Section, radius: float = 1.5) -> np.
 
     A spot without neighbours keeps its own row.
     """
+    return neighbour_mean_xy(x, section.spots.coords(), section.spots.library_labels(), radius)
+
+
+def neighbour_mean_xy(x: np.ndarray, coords: np.ndarray, libs: np.ndarray, radius: float = 1.5) -> np.ndarray:
+    """:func:`neighbour_mean` from spot coordinates and library labels."""
     import scipy.sparse as sp
     from sklearn.neighbors import NearestNeighbors
 
-    coords = section.spots.coords()
-    libs = section.spots.library_labels()
     out = x.copy()
     for lib in np.unique(libs):
         idx = np.flatnonzero(libs == lib)
@@ -129,29 +132,63 @@ def context_features(x: np.ndarray, section: _Section) -> np.ndarray:
     return np.concatenate([z, neighbour_mean(z, section)], axis=1).astype(np.float32)
 
 
+N_STRIPES = 5
+
+
+def cv_groups(sections: list[_Section]) -> np.ndarray:
+    """Cross-validation groups of the training spots: sections, or spatial stripes with fewer than three sections.
+
+    The stripes are ``N_STRIPES`` equal-count bands along each section's longer axis: neighbouring spots stay in one
+    fold, so the neighbour-mean features do not leak the held-out spots' own tissue into training.
+    """
+    if len(sections) >= 3:
+        return np.concatenate([np.full(s.spots.n_obs, i) for i, s in enumerate(sections)])
+    return np.concatenate([spatial_stripes(s.spots.coords(), s.spots.library_labels()) for s in sections])
+
+
+def spatial_stripes(coords: np.ndarray, libs: np.ndarray, n: int = N_STRIPES) -> np.ndarray:
+    """Stripe index 0..n-1 of each spot: equal-count bands along its library's longer axis."""
+    out = np.zeros(len(coords), dtype=np.int64)
+    for lib in np.unique(libs):
+        idx = np.flatnonzero(libs == lib)
+        c = coords[idx]
+        axis = int(np.ptp(c[:, 1]) > np.ptp(c[:, 0]))
+        rank = np.argsort(np.argsort(c[:, axis], kind="stable"), kind="stable")
+        out[idx] = (rank * n) // max(len(idx), 1)
+    return out
+
+
+def encode_genes(genes: list[str]) -> np.ndarray:
+    """Gene names as a uint8 array (saved with the model's predictors)."""
+    return np.frombuffer("\n".join(genes).encode(), dtype=np.uint8).copy()
+
+
+def decode_genes(arr: np.ndarray) -> list[str]:
+    return bytes(np.asarray(arr, dtype=np.uint8)).decode().split("\n")
+
+
 def fit_ridge(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas=ALPHAS, n_pcs: int = 256) -> dict:
     """Ridge regression ``y ~ x`` on the top ``n_pcs`` principal components of the standardised ``x``.
 
-    The penalty is chosen by leave-one-group-out (sections) cross-validation on the training data (5-fold when
-    there are fewer than three sections), maximising the mean per-gene Pearson r.
+    The penalty is chosen by leave-one-group-out cross-validation on the training data (``groups``: sections, or
+    spatial stripes from :func:`cv_groups`), maximising the mean per-gene Pearson r.
     """
     from sklearn.linear_model import Ridge
-    from sklearn.model_selection import GroupKFold, KFold
+    from sklearn.model_selection import LeaveOneGroupOut
+    from sklearn.utils.extmath import randomized_svd
 
+    if len(np.unique(groups)) < 2:
+        raise ValueError("fit_ridge needs at least two cross-validation groups (sections or spatial stripes).")
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xs = (x - mu) / sd
     n_pcs = int(min(n_pcs, xs.shape[0] - 1, xs.shape[1]))
-    from sklearn.utils.extmath import randomized_svd
-
     _, _, vt = randomized_svd(xs, n_pcs, random_state=0)
     components = vt.T.astype(np.float32)
     xs = xs @ components
-    n_groups = len(np.unique(groups))
-    splitter = GroupKFold(n_splits=n_groups) if n_groups >= 3 else KFold(5, shuffle=True, random_state=0)
     best, best_score = alphas[0], -np.inf
     for a in alphas:
         scores = []
-        for tr, te in splitter.split(xs, y, groups if n_groups >= 3 else None):
+        for tr, te in LeaveOneGroupOut().split(xs, y, groups):
             pred = Ridge(alpha=a).fit(xs[tr], y[tr]).predict(xs[te])
             pc, yc = pred - pred.mean(0), y[te] - y[te].mean(0)
             den = np.sqrt((pc**2).sum(0) * (yc**2).sum(0))
@@ -162,7 +199,7 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas=ALPHAS, n
     logger.info("Regression head: ridge alpha %.3g (inner-CV mean r %.3f)", best, best_score)
     return {"mean": mu.astype(np.float32), "std": sd.astype(np.float32), "components": components,
             "coef": model.coef_.T.astype(np.float32), "intercept": model.intercept_.astype(np.float32),
-            "alpha": np.float32(best)}
+            "alpha": np.float32(best), "n_train": np.int64(x.shape[0])}
 
 
 def apply_ridge(x: np.ndarray, head: dict) -> np.ndarray:

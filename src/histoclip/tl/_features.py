@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ def image_features(
     sizes_um: Sequence[float] | None = None,
     patch_px: int = 224,
     tta: bool = True,
+    stain_norm: Literal["macenko"] | None = None,
     batch_size: int = 64,
     img_key: str | None = None,
     library_id: str | None = None,
@@ -69,6 +70,11 @@ def image_features(
     tta
         Average the features over the eight flips and 90-degree rotations of each patch (orientation does not
         matter in tissue; this removes it from the features at 8x the cost).
+    stain_norm
+        ``"macenko"``: Macenko stain normalisation of every patch before the backbone, with the stain vectors fitted
+        per library (slide) on the pixels of its spot patches (one spot diameter) and mapped onto Macenko's
+        reference (:func:`histoclip.pp.normalize_stain`), so slides stained or scanned differently give comparable
+        features. ``None``: the patches as they are.
     batch_size
         Patches per forward pass.
     img_key, library_id, library_key, spot_diameter_um, table_key, image_key
@@ -83,7 +89,9 @@ def image_features(
     Returns
     -------
     ``None`` or a copy. Sets ``obsm["X_histoclip_features"]``: float32 ``(n_obs, sum of out_dim * len(sizes_um))``,
-    columns ordered by backbone, then size, then feature; and ``uns["histoclip"]["params"]["image_features"]``.
+    columns ordered by backbone, then size, then feature; and ``uns["histoclip"]["params"]["image_features"]`` (the
+    settings, including the image read, ``img_key``, and ``stain_norm`` when set, so a query's features can be made
+    the same way).
 
     """
     from ..module._pretrained import FrozenBackbone
@@ -103,7 +111,10 @@ def image_features(
     names = [backbone] if isinstance(backbone, str) else [str(b) for b in backbone]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"backbone must be a name or a list of distinct names, got {backbone!r}.")
+    if stain_norm not in (None, "macenko"):
+        raise ValueError(f"stain_norm must be None or 'macenko', got {stain_norm!r}.")
     readers = [PatchReader(spots, patch_boxes(spots, s)[0], patch_px) for s in sizes_um]  # validates sizes first
+    stains = _fit_stains(spots, _spot_um(spots, spot_diameter_um)) if stain_norm else None
     nets = [FrozenBackbone(b, weights) for b in names]
     device = pick_device(accelerator)
     for net in nets:
@@ -115,7 +126,10 @@ def image_features(
         for j, reader in enumerate(readers):
             for start in range(0, n, batch_size):
                 idx = range(start, min(start + batch_size, n))
-                x = torch.from_numpy(np.stack([reader(i) for i in idx])).permute(0, 3, 1, 2).contiguous().to(device)
+                batch = np.stack([reader(i) for i in idx])
+                if stains is not None:
+                    batch = _normalize_batch(batch, reader.slide_of[start : start + len(idx)], stains)
+                x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
                 for net, off in zip(nets, offsets[:-1], strict=True):
                     if tta:
                         f = sum(net(_dihedral(x, k)) for k in range(DIHEDRAL)) / DIHEDRAL
@@ -126,6 +140,36 @@ def image_features(
     logger.info("image_features: %d spots x %d features", n, out.shape[1])
     target = adata.copy() if copy else adata
     params = {"backbone": backbone if isinstance(backbone, str) else names, "weights": weights,
-              "sizes_um": sizes_um, "patch_px": patch_px, "tta": tta, "key_added": key_added}
+              "sizes_um": sizes_um, "patch_px": patch_px, "tta": tta, "key_added": key_added,
+              "img_key": str(spots.slides[0].img_key)}
+    if stain_norm:
+        params["stain_norm"] = stain_norm
     write_results(target, obsm={key_added: out}, params=("image_features", params))
     return target if copy else None
+
+
+FIT_PX = 64
+
+
+def _fit_stains(spots, spot_um: float) -> list[dict[str, np.ndarray]]:
+    """Macenko stain vectors of each slide, fitted on its spot patches (one spot diameter, read at 64 px)."""
+    from ..pp._stain import fit_stain
+
+    reader = PatchReader(spots, patch_boxes(spots, spot_um)[0], FIT_PX, cache=False)
+    fits = []
+    for j, s in enumerate(spots.slides):
+        fit = fit_stain(np.stack([reader(int(i)) for i in np.flatnonzero(reader.slide_of == j)]))
+        logger.info("Stain vectors of library %s (H, E columns): %s", s.library_id,
+                    np.array2string(fit["stain_matrix"], precision=3).replace("\n", ""))
+        fits.append(fit)
+    return fits
+
+
+def _normalize_batch(batch: np.ndarray, slide_of: np.ndarray, stains: list[dict]) -> np.ndarray:
+    from ..pp._stain import normalize_stain
+
+    out = np.empty_like(batch)
+    for j in np.unique(slide_of):
+        m = slide_of == j
+        out[m] = normalize_stain(batch[m], source=stains[int(j)])
+    return out
