@@ -27,6 +27,8 @@ def image_weight(
     table_key: str = "table",
     image_key: str | None = None,
     cmap: str = "magma",
+    vmin: float | None = None,
+    vmax: float | None = None,
     alpha: float = 0.8,
     title: str | None = None,
     ax: Axes | None = None,
@@ -55,6 +57,9 @@ def image_weight(
         SpatialData only.
     cmap, alpha
         Colour map and opacity of the spots.
+    vmin, vmax
+        Ends of the colour scale (default: the smallest and largest weight on the slide; ``0`` and ``1`` compare
+        slides on one scale).
     title
         Axes title.
     ax, save
@@ -62,7 +67,7 @@ def image_weight(
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`, with a colour bar of the weight (0 to 1).
+    The :class:`matplotlib.axes.Axes`, with a colour bar of the weight.
 
     """
     spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
@@ -80,7 +85,7 @@ def image_weight(
     slide = spots.slides[0] if library_id is None else next(s for s in spots.slides if s.library_id == library_id)
     ax = get_ax(ax)
     mappable = draw_slide(ax, slide, values[slide.index], spot_diameter_um=_spot_um(spots, spot_diameter_um),
-                          categorical=False, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha)
+                          categorical=False, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
     ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="weight of the image")
     ax.set_title(title if title is not None else f"image weight in the joint embedding ({slide.library_id})")
     finish(ax, save)
