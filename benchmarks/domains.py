@@ -97,13 +97,14 @@ def main() -> None:
                 hc.tl.embed(a, model)
                 t_model = time.perf_counter() - t
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, rng=seed)  # the default: the joint embedding, smoothed at 50 um
+                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", rng=seed)  # same smoothing as the default
                 t_dom = time.perf_counter() - t
                 if name != "histoclip (defaults)":
                     rec("ablation", name, seed, a.obs["histoclip_domain"], t_model + t_dom)
                     continue
-                rec("main", "tl.domains after tl.embed (joint X_histoclip, the default)", seed,
+                rec("main", "joint embedding X_histoclip (train + embed + domains)", seed,
                     a.obs["histoclip_domain"], t_model + t_dom)
+                records[-1]["image_weight_mean"] = round(float(a.obs["histoclip_image_weight"].mean()), 4)
                 rec("ablation", "histoclip (all components)", seed, a.obs["histoclip_domain"], t_model + t_dom)
                 for rep, label in (("X_histoclip_expression", "expression latent alone"),
                                    ("X_histoclip_image", "image latent alone")):
@@ -112,22 +113,22 @@ def main() -> None:
                     rec("main", f"tl.domains on {rep} ({label})", seed, a.obs["histoclip_domain"],
                         t_model + time.perf_counter() - t)
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", method="leiden", smooth_um=0, n_pcs=None,
+                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", method="leiden", radius_um=0, n_pcs=None,
                               rng=seed)
                 rec("main", "scanpy workflow: neighbors(use_rep='X_histoclip') + leiden, no smoothing", seed,
                     a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
                 a.obsm["X_untrained"] = untrained_inputs(a, model)
-                hc.tl.domains(a, n_domains=k, use_rep="X_untrained", smooth_um=50, rng=seed)
+                hc.tl.domains(a, n_domains=k, use_rep="X_untrained", rng=seed)
                 rec("main", "untrained: the model's inputs scaled and concatenated, same clustering", seed,
                     a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, use_rep="expression_pca", rng=seed)
-                rec("main", "model-free: Moran-gene expression PCA, smoothed at 100 um", seed,
+                hc.tl.domains(a, n_domains=k, rng=seed)
+                rec("main", "tl.domains default: model-free Moran-gene expression PCA (no model)", seed,
                     a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, use_rep="expression_pca", n_hops=2, n_neighbors=6, rng=seed)
-                rec("main", "model-free, earlier default: 2 hops of 6-NN smoothing", seed, a.obs["histoclip_domain"],
+                hc.tl.domains(a, n_domains=k, n_hops=2, n_neighbors=6, rng=seed)
+                rec("main", "model-free, earlier grid smoothing: 2 hops of 6-NN", seed, a.obs["histoclip_domain"],
                     time.perf_counter() - t)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,22 +72,26 @@ def test_fusion_weights_written_and_drawn(fused, tmp_path):
         hc.pl.image_weight(hc.datasets.toy(rng=0))
 
 
-def test_domains_default_to_the_joint_embedding(fused):
+def test_domains_smooth_within_a_physical_radius(fused):
     _, adata = fused
     a = adata.copy()
-    hc.tl.domains(a, n_domains=3, rng=0)
+    hc.tl.domains(a, n_domains=3, use_rep="X_histoclip", rng=0)
     params = a.uns["histoclip"]["params"]["domains"]
-    assert params["use_rep"] == "X_histoclip" and params["smooth_um"] == 50.0
+    assert params["use_rep"] == "X_histoclip" and params["radius_um"] == 150.0 and params["n_hops"] == 2
+    # the toy grid is 100 um apart (Visium-like): a 150 um radius is the first ring, the 6-NN grid of earlier versions
     b = adata.copy()
-    hc.tl.domains(b, n_domains=3, rng=0, use_rep="X_histoclip", smooth_um=50)
-    assert (a.obs["histoclip_domain"] == b.obs["histoclip_domain"]).all()
-    c = adata.copy()
-    del c.obsm["X_histoclip"]
-    hc.tl.domains(c, n_domains=3, rng=0)
-    assert c.uns["histoclip"]["params"]["domains"]["use_rep"] == "expression_pca"
-    assert c.uns["histoclip"]["params"]["domains"]["smooth_um"] == 100.0
-    with pytest.raises(ValueError, match="smooth_um"):
-        hc.tl.domains(adata.copy(), n_domains=3, smooth_um=-1)
+    hc.tl.domains(b, n_domains=3, use_rep="X_histoclip", n_neighbors=6, rng=0)
+    assert hc.metrics.adjusted_rand(a.obs["histoclip_domain"], b.obs["histoclip_domain"]) > 0.9
+    # a radius below the spacing means no neighbour: the same as no smoothing
+    c, d = adata.copy(), adata.copy()
+    hc.tl.domains(c, n_domains=3, use_rep="X_histoclip", radius_um=50, rng=0)
+    hc.tl.domains(d, n_domains=3, use_rep="X_histoclip", radius_um=None, rng=0)
+    assert (c.obs["histoclip_domain"] == d.obs["histoclip_domain"]).all()
+    e = adata.copy()
+    hc.tl.domains(e, n_domains=3, rng=0)
+    assert e.uns["histoclip"]["params"]["domains"]["use_rep"] == "expression_pca"  # the default needs no model
+    with pytest.raises(ValueError, match="radius_um"):
+        hc.tl.domains(adata.copy(), n_domains=3, radius_um=-1)
 
 
 def test_ablation_switches():

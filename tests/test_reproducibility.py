@@ -84,7 +84,7 @@ def test_params_hold_enough_to_rerun_each_step(tmp_path):
     assert {"seed", "max_epochs", "batch_size", "lr", "weight_decay", "augment", "precision", "patch_size_um",
             "n_genes", "patch_px", "latent_dim", "hidden_dim", "image_backbone", "key_added"} <= set(embed)
     assert embed["seed"] == 3 and embed["patch_size_um"] == 110.0
-    assert {"seed", "n_domains", "method", "use_rep", "smooth_um", "n_pcs", "refine",
+    assert {"seed", "n_domains", "method", "use_rep", "radius_um", "n_hops", "n_pcs", "refine",
             "key_added"} <= set(domains)
     assert domains["seed"] == 5 and domains["n_domains"] == 3
 

@@ -128,13 +128,13 @@ def test_training_runs_on_n_jobs_threads_and_restores_torch(toy_patched, restore
     assert _loop.cpu_threads(num_workers=10) == 1
     # embedding runs on n_jobs threads too, and restores
     calls = []
-    real_embed = type(model)._embed
+    real_embed = type(model)._embeddings
 
     def embed_spy(self, *a, **k):
         calls.append(torch.get_num_threads())
         return real_embed(self, *a, **k)
 
-    monkeypatch.setattr(type(model), "_embed", embed_spy)
+    monkeypatch.setattr(type(model), "_embeddings", embed_spy)
     hc.tl.embed(toy_patched, model)
     assert calls and set(calls) == {target}
     assert torch.get_num_threads() == before

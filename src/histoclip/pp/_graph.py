@@ -44,6 +44,22 @@ def knn_graph(coords: np.ndarray, n_neighbors: int = 6, groups: np.ndarray | Non
     return a
 
 
+def radius_graph(
+    coords_um: np.ndarray,
+    radius_um: float,
+    groups: np.ndarray | None = None,
+    *,
+    max_neighbors: int = 24,
+) -> sp.csr_matrix:
+    """Binary, symmetric sparse graph of the spots within ``radius_um`` microns of each other.
+
+    At most ``max_neighbors`` of the nearest per spot; never across two groups (libraries); no self loops.
+    """
+    g = gaussian_graph(coords_um, radius_um / 3.0, groups, max_neighbors=max_neighbors)
+    g.data[:] = 1.0
+    return g
+
+
 def gaussian_graph(
     coords_um: np.ndarray,
     sigma_um: float = 100.0,

@@ -10,7 +10,7 @@ from .._constants import Key
 from .._settings import logger
 from .._utils import RNGLike, resolve_seed, timed, write_results
 from ..io._slide import resolve
-from ..pp._graph import gaussian_graph, knn_graph, row_normalize, spot_coords_um
+from ..pp._graph import knn_graph, radius_graph, row_normalize, spot_coords_um
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -132,8 +132,8 @@ def domains(
     use_rep: str | None = None,
     n_genes: int = 2000,
     layer: str | None = None,
-    smooth_um: float | Literal["auto"] | None = "auto",
-    n_hops: int | None = None,
+    radius_um: float | None = 150.0,
+    n_hops: int = 2,
     n_neighbors: int | None = None,
     n_pcs: int | None = 10,
     spot_diameter_um: float | None = None,
@@ -148,15 +148,16 @@ def domains(
 ) -> AnnData | None:
     """Find spatial domains by clustering a spatially smoothed representation of the spots.
 
-    The representation: ``obsm[use_rep]``; by default (``use_rep=None``) histoclip's joint embedding
-    ``obsm["X_histoclip"]`` when :func:`histoclip.tl.embed` has written it, otherwise (no model) the PCA (``n_pcs``
-    components) of the log-normalised expression of the ``n_genes`` genes with the highest Moran's I. Which one was
-    used is recorded in ``uns["histoclip"]["params"]["domains"]["use_rep"]``.
+    The representation: ``obsm[use_rep]``, e.g. histoclip's joint embedding ``"X_histoclip"``; by default
+    (``use_rep=None``) the PCA (``n_pcs`` components) of the log-normalised expression of the ``n_genes`` genes with
+    the highest Moran's I, which needs no model and is, on the labelled slides measured so far, as accurate as the
+    joint embedding or more (``benchmarks/domains.py``; the docs' benchmarks page). Which one was used is recorded in
+    ``uns["histoclip"]["params"]["domains"]["use_rep"]``.
 
-    Steps: the representation is averaged over each spot's neighbourhood (a Gaussian of ``smooth_um`` microns, or
-    ``n_hops`` rounds over the ``n_neighbors`` nearest spots; a sparse graph within each library), reduced to
-    ``n_pcs`` principal components, clustered (Gaussian mixture: pure Python, no R; leiden with a resolution search
-    that reaches ``n_domains``; or k-means), then optionally refined by a majority vote over each spot's neighbours.
+    Steps: the representation is averaged ``n_hops`` times over each spot's neighbours within ``radius_um`` microns
+    (or its ``n_neighbors`` nearest spots; a sparse graph within each library), reduced to ``n_pcs`` principal
+    components, clustered (Gaussian mixture: pure Python, no R; leiden with a resolution search that reaches
+    ``n_domains``; or k-means), then optionally refined by a majority vote over each spot's neighbours.
 
     Parameters
     ----------
@@ -167,26 +168,25 @@ def domains(
     method
         ``"gmm"``, ``"leiden"`` or ``"kmeans"``.
     use_rep
-        Embedding in ``obsm`` to cluster (e.g. ``"X_histoclip"``, ``"X_histoclip_expression"``, ``"X_pca"``);
-        ``"expression_pca"`` for the model-free expression PCA described above (needs counts); ``None``: the joint
-        embedding if present, else the expression PCA.
+        Embedding in ``obsm`` to cluster (e.g. ``"X_histoclip"``, ``"X_histoclip_expression"``, ``"X_pca"``), or
+        ``None`` (or ``"expression_pca"``, the name recorded in the parameters) for the expression PCA described
+        above (needs counts).
     n_genes, layer
         Expression PCA only: genes kept by Moran's I, and the layer holding raw counts (default ``X``).
-    smooth_um
-        Scale of the smoothing in microns: each spot's representation is averaged with its neighbours' within
-        ``3 * smooth_um``, weighted ``exp(-d^2 / (2 smooth_um^2))`` (itself weight 1): at 100 um the first ring of
-        Visium (100 um spacing) weighs 0.61, that of legacy ST (200 um spacing) 0.14, so a coarser grid is smoothed
-        less. ``"auto"``: 50 um for histoclip's embeddings (``obsm["X_histoclip*"]``, whose expression latent already
-        holds each spot's neighbourhood), 100 um for anything else. ``None`` or 0: no smoothing. Microns come from
-        the scale factors' spot diameter.
-    n_hops, n_neighbors
-        The earlier, grid-counted smoothing: ``n_hops`` rounds of averaging over the ``n_neighbors`` nearest spots
-        (either given: used instead of ``smooth_um``; ``n_neighbors`` defaults to 6, ``n_hops`` to 2). The refinement
-        uses the ``n_neighbors`` nearest spots (6 by default).
+    radius_um
+        Neighbourhood of the smoothing, in microns: every spot within this distance (at most 24, the nearest) counts
+        as a neighbour. 150 um takes the first ring of Visium's hexagon (100 um spacing), the same neighbours as
+        6 nearest spots, and no neighbour on legacy ST (200 um spacing), whose spots are far enough apart that
+        averaging them blurs domains; microns come from the scale factors' spot diameter. ``None`` or 0: no smoothing.
+    n_hops
+        Rounds of neighbour averaging before clustering (0: none).
+    n_neighbors
+        Use the ``n_neighbors`` nearest spots instead of ``radius_um`` (grid-counted, the setting of earlier
+        versions). The refinement uses the 6 nearest spots unless this is given.
     n_pcs
         Principal components kept after smoothing (``None``: no PCA).
     spot_diameter_um
-        Physical spot diameter, which sets the microns of ``smooth_um`` (default: the one
+        Physical spot diameter, which sets the microns of ``radius_um`` (default: the one
         :func:`histoclip.pp.extract_patches` recorded, else ``uns["spatial"][library_id]["metadata"]
         ["spot_diameter_um"]``, else 55, Visium; use 100 for legacy ST).
     refine
@@ -220,16 +220,13 @@ def domains(
     spots = resolve(data, library_key=library_key, table_key=table_key, spot_diameter_um=spot_diameter_um,
                     need_image=False)
     adata = spots.adata
-    if use_rep is None:
-        use_rep = Key.obsm.joint if Key.obsm.joint in adata.obsm else "expression_pca"
     if use_rep == "expression_pca":  # the name recorded in params for the model-free path
         use_rep = None
-    if smooth_um == "auto":
-        smooth_um = 50.0 if use_rep is not None and use_rep.startswith(Key.obsm.joint) else 100.0
-    if smooth_um is not None and (isinstance(smooth_um, str) or not np.isfinite(smooth_um) or smooth_um < 0):
-        raise ValueError(f"smooth_um must be a non-negative number of microns (or None), got {smooth_um!r}.")
-    grid = n_hops is not None or n_neighbors is not None
-    n_hops = 2 if n_hops is None else int(n_hops)
+    if radius_um is not None and (isinstance(radius_um, str) or not np.isfinite(radius_um) or radius_um < 0):
+        raise ValueError(f"radius_um must be a non-negative number of microns (or None), got {radius_um!r}.")
+    if not isinstance(n_hops, int | np.integer) or n_hops < 0:
+        raise ValueError(f"n_hops must be a non-negative integer, got {n_hops!r}.")
+    grid = n_neighbors is not None
     n_neighbors = 6 if n_neighbors is None else int(n_neighbors)
     if use_rep is not None and use_rep not in adata.obsm:
         raise KeyError(
@@ -255,8 +252,9 @@ def domains(
         graph = knn_graph(spots.coords(), n_neighbors, spots.library_labels())
         if grid and n_hops > 0:
             x = smooth_features(x, graph, n_hops)
-        elif not grid and smooth_um:
-            x = smooth_features(x, gaussian_graph(spot_coords_um(spots), float(smooth_um), spots.library_labels()), 1)
+        elif not grid and radius_um and n_hops > 0:
+            x = smooth_features(x, radius_graph(spot_coords_um(spots), float(radius_um), spots.library_labels()),
+                                n_hops)
         if use_rep is not None and n_pcs is not None and x.shape[1] > n_pcs:
             from sklearn.decomposition import PCA
 
@@ -266,9 +264,10 @@ def domains(
             labels = refine_labels(labels, graph)
         cats = _relabel(labels)
     target = adata.copy() if copy else adata
-    # with smooth_um the graph of n_neighbors serves the refinement only: recorded when given, so a rerun from the
-    # record takes the same path
-    smoothing = {"n_hops": n_hops, "n_neighbors": n_neighbors} if grid else {"smooth_um": smooth_um or 0.0}
+    # with radius_um the 6-NN graph serves the refinement only; n_neighbors is recorded only when given, so a rerun
+    # from the record takes the same path
+    smoothing = {"n_hops": n_hops, "n_neighbors": n_neighbors} if grid else {"n_hops": n_hops,
+                                                                            "radius_um": radius_um or 0.0}
     params = {"n_domains": int(n_domains), "method": method, "use_rep": use_rep or "expression_pca", **smoothing,
               "n_pcs": n_pcs, "refine": refine, "n_init": n_init, "library_key": library_key,
               "seed": seed, "key_added": key_added, **extra}
