@@ -79,7 +79,7 @@ def main() -> None:
         k = args.n_domains or int(truth.dropna().nunique())
         hc.pp.extract_patches(adata)
 
-        def rec(table, method, seed, labels, seconds):
+        def rec(table, method, seed, labels, seconds, truth=truth, slide=slide):
             s = hc.metrics.domain_scores(truth, labels)
             r = {"table": table, "slide": slide, "method": method, "seed": seed, "ari": s["ari"], "nmi": s["nmi"],
                  "wall_s": round(seconds, 2), "loadavg_1min": round(os.getloadavg()[0], 2)}
@@ -135,7 +135,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"loadavg_at_start": load, "records": records}, indent=1))
     df = pd.DataFrame(records)
     lines = ["# Spatial domains on DLPFC", "",
-             f"ARI and NMI against `obs['{args.label}']` (unlabelled spots ignored), as many domains as labels; mean and "
+             f"ARI and NMI against `obs['{args.label}']` (unlabelled spots ignored), as many domains as labels; mean "
+             "and "
              f"sd over seeds (main table: seeds {args.seeds}; ablations: seeds {args.ablation_seeds}). Every row uses "
              "the package defaults (30 epochs for a Visium slide, 16 px patches of the lowres image, GMM with tied "
              "covariance, 20 restarts); wall time = train + embed + domains per slide and seed on the 2-core CPU, "

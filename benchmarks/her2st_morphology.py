@@ -72,7 +72,8 @@ def main() -> None:
                  "image_weight_p10_p90": [round(float(q), 3) for q in np.percentile(w, [10, 90])],
                  "image_weight_by_joint_domain": {d: round(float(w[joint.to_numpy() == d].mean()), 3)
                                                   for d in joint.cat.categories},
-                 "ari_joint_vs_expression_latent": round(hc.metrics.adjusted_rand(joint, a.obs["domain_expression"]), 3),
+                 "ari_joint_vs_expression_latent": round(
+                     hc.metrics.adjusted_rand(joint, a.obs["domain_expression"]), 3),
                  "ari_joint_vs_model_free": round(hc.metrics.adjusted_rand(joint, a.obs["domain_pca"]), 3),
                  "ari_with_author_clusters": {
                      "joint": round(hc.metrics.adjusted_rand(cl, joint), 3),
@@ -82,7 +83,8 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             if seed == args.seeds[0]:
                 fig, axes = plt.subplots(1, 4, figsize=(22, 5.5))
-                hc.pl.domains(a, color="histoclip_domain", ax=axes[0], alpha=0.0, legend=False, title=f"H&E ({section})")
+                hc.pl.domains(a, color="histoclip_domain", ax=axes[0], alpha=0.0, legend=False,
+                              title=f"H&E ({section})")
                 hc.pl.image_weight(a, ax=axes[1], title="weight of the image in the joint embedding")
                 hc.pl.domains(a, ax=axes[2], title="domains: joint embedding (default)")
                 hc.pl.domains(a, color="domain_expression", ax=axes[3], title="domains: expression latent alone")

@@ -13,7 +13,7 @@ from .._constants import Key
 from .._utils import get_table
 from ..io._slide import resolve
 from ..pp._patches import _spot_um
-from ._utils import categories_of, draw_slide, finish, get_ax, palette, plot_image_key
+from ._utils import categories_of, draw_slide, finish, get_ax, palette, pick_slide, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -92,9 +92,7 @@ def domains(
         )
     if reference is not None and reference not in adata.obs:
         raise KeyError(f"adata.obs[{reference!r}] (reference=) not found; columns: {list(adata.obs.columns)}.")
-    if len(spots.slides) > 1 and library_id is None:
-        raise ValueError(f"The data hold {len(spots.slides)} libraries; pass library_id= to choose one.")
-    slide = spots.slides[0] if library_id is None else next(s for s in spots.slides if s.library_id == library_id)
+    slide = pick_slide(spots, library_id)
     series = adata.obs[color]
     cats = categories_of(series)
     labels = {c: c for c in cats}

@@ -83,6 +83,13 @@ def draw_slide(
     return mappable
 
 
+def pick_slide(spots, library_id: str | None) -> Slide:
+    """The slide to draw: the only one, or the one named ``library_id`` (required when there are several)."""
+    if len(spots.slides) > 1 and library_id is None:
+        raise ValueError(f"The data hold {len(spots.slides)} libraries; pass library_id= to choose one.")
+    return spots.slides[0] if library_id is None else next(s for s in spots.slides if s.library_id == library_id)
+
+
 def categories_of(series: pd.Series) -> list[str]:
     if isinstance(series.dtype, pd.CategoricalDtype):
         return [str(c) for c in series.cat.categories]

@@ -8,7 +8,7 @@ import numpy as np
 from .._constants import Key
 from ..io._slide import resolve
 from ..pp._patches import _spot_um
-from ._utils import draw_slide, finish, get_ax, plot_image_key
+from ._utils import draw_slide, finish, get_ax, pick_slide, plot_image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -77,12 +77,10 @@ def image_weight(
     if key not in adata.obs:
         raise KeyError(f"adata.obs[{key!r}] not found (columns: {list(adata.obs.columns)}); run "
                        "histoclip.tl.embed(data, model) with a model trained with its image branch first.")
-    if len(spots.slides) > 1 and library_id is None:
-        raise ValueError(f"The data hold {len(spots.slides)} libraries; pass library_id= to choose one.")
+    slide = pick_slide(spots, library_id)
     values = np.asarray(adata.obs[key], dtype=float)
     if not np.isfinite(values).all():
         raise ValueError(f"adata.obs[{key!r}] has NaN or inf values.")
-    slide = spots.slides[0] if library_id is None else next(s for s in spots.slides if s.library_id == library_id)
     ax = get_ax(ax)
     mappable = draw_slide(ax, slide, values[slide.index], spot_diameter_um=_spot_um(spots, spot_diameter_um),
                           categorical=False, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
