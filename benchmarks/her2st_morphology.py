@@ -97,11 +97,13 @@ def main() -> None:
              f"{args.n_domains} domains; seeds {args.seeds}. No pathologist labels here: ARIs compare labellings with "
              "each other and with the authors' expression clusters. Produced by `benchmarks/her2st_morphology.py`.", "",
              "| section | seed | image weight mean (p10-p90) | ARI joint vs expression-only | "
-             "ARI joint vs model-free | ARI with author clusters: joint / expression / model-free |", "|---|---|---|---|---|---|"]
+             "ARI joint vs model-free | ARI with author clusters: joint / expression / model-free |",
+             "|---|---|---|---|---|---|"]
     for r in records:
         c = r["ari_with_author_clusters"]
         lo, hi = r["image_weight_p10_p90"]
-        lines.append(f"| {r['section']} | {r['seed']} | {r['image_weight_mean']:.2f} ({lo:.2f}-{hi:.2f}) | {r['ari_joint_vs_expression_latent']:.2f} | "
+        lines.append(f"| {r['section']} | {r['seed']} | {r['image_weight_mean']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                     f"{r['ari_joint_vs_expression_latent']:.2f} | "
                      f"{r['ari_joint_vs_model_free']:.2f} | {c['joint']:.2f} / {c['expression_latent']:.2f} / "
                      f"{c['model_free']:.2f} |")
     (RESULTS / "her2st_morphology.md").write_text("\n".join(lines) + "\n")

@@ -673,9 +673,11 @@ class HistoCLIP:
     @torch.inference_mode()
     def _embeddings(self, section: _Section, inputs: np.ndarray | None, batch_size: int, *,
                     with_image: bool = True) -> dict[str, np.ndarray]:
-        """The latents written by :func:`histoclip.tl.embed`: ``image``, and with ``inputs`` also ``expression``,
-        ``joint`` and ``image_weight`` (the fusion's per-spot weight of the image); ``with_image=False``: only
-        ``expression``."""
+        """The latents written by :func:`histoclip.tl.embed`.
+
+        ``image``, and with ``inputs`` also ``expression``, ``joint`` and ``image_weight`` (the fusion's per-spot
+        weight of the image); ``with_image=False``: only ``expression``.
+        """
         self.module.eval()
         dev = self.device
         out: dict[str, list] = {"image": [], "expression": [], "joint": [], "image_weight": []}
@@ -688,7 +690,8 @@ class HistoCLIP:
             z_img = np.concatenate(out["image"]) if use_image else None
             for j, e in enumerate(self._expression_batches(section, inputs, batch_size)):
                 z_e = self.module.expression_embedding(e.to(dev)).float()
-                zi = None if z_img is None else torch.from_numpy(z_img[j * batch_size : j * batch_size + len(e)]).to(dev)
+                rows = slice(j * batch_size, j * batch_size + len(e))
+                zi = None if z_img is None else torch.from_numpy(z_img[rows]).to(dev)
                 joint, w = self.module.fuse(zi, z_e)
                 out["expression"].append(z_e.cpu().numpy())
                 out["joint"].append(joint.float().cpu().numpy())
