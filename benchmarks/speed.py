@@ -107,7 +107,7 @@ def run_stage(stage: str, work: Path) -> dict:
             hc.tl.embed(adata, model)
             np.save(work / "embedding.npy", adata.obsm["X_histoclip"])
         else:
-            hc.tl.predict_expression(adata, model)
+            hc.tl.predict_expression(adata, model, method="retrieval")  # the stage the results measured
     elif stage == "domains":
         adata.obsm["X_histoclip"] = np.load(work / "embedding.npy")
         t = time.perf_counter()
