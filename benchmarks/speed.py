@@ -13,7 +13,8 @@ default: 2000 Moran's I genes with spatial context, small CNN on patches of the 
 lowres image gives 9 px patches), batch 256, epochs from
 hc.model.default_max_epochs(N), CPU), embed (hc.tl.embed), domains (hc.tl.domains with its defaults: Moran genes
 -> PCA 10 -> 2 rounds of averaging within 150 um (the 6-NN ring on Visium) -> tied GMM, 20 restarts), predict
-(hc.tl.predict_expression, retrieval from the image against the training spots, which here are the same spots: a cost measurement, not an accuracy one).
+(hc.tl.predict_expression, retrieval from the image against the training spots, which here are the same spots: a
+cost measurement, not an accuracy one).
 The 1-minute load average before and after each stage is recorded, so runs on a busy machine show as such.
 
     python benchmarks/speed.py [--sizes 1000 10000 100000] [--threads 1]
