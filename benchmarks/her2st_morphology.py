@@ -4,8 +4,8 @@
 
 Each section (legacy ST: 100 um spots on a 200 um grid) is read from ../shared/data/her2st/ with its full-resolution
 JPEG (~0.69 um/px), patches of 200 um are cut from it (32 px), and a model is trained on that section alone with
-every default; then domains are found three ways with the same clustering: on the joint embedding (the default), on
-the expression latent alone, and model-free (Moran-gene expression PCA). There are no pathologist labels for these
+every default; then domains are found three ways with the same clustering: on the joint embedding, on the expression
+latent alone, and model-free (Moran-gene expression PCA, tl.domains' default). There are no pathologist labels for these
 sections here, so nothing is scored against a truth: the script reports the fusion's image weight (mean, spread and
 per joint domain), how far the joint domains depart from the expression-only ones (ARI between the labellings), and
 the ARI of each labelling with the authors' expression clusters (obs["cluster_label"], not a pathology annotation).
@@ -58,7 +58,7 @@ def main() -> None:
             t = time.perf_counter()
             model = hc.tl.train(a, rng=seed)
             hc.tl.embed(a, model)
-            hc.tl.domains(a, n_domains=args.n_domains, rng=seed)
+            hc.tl.domains(a, n_domains=args.n_domains, use_rep="X_histoclip", rng=seed)
             wall = time.perf_counter() - t
             joint = a.obs["histoclip_domain"].copy()
             hc.tl.domains(a, n_domains=args.n_domains, use_rep="X_histoclip_expression", rng=seed,
@@ -86,7 +86,7 @@ def main() -> None:
                 hc.pl.domains(a, color="histoclip_domain", ax=axes[0], alpha=0.0, legend=False,
                               title=f"H&E ({section})")
                 hc.pl.image_weight(a, ax=axes[1], title="weight of the image in the joint embedding")
-                hc.pl.domains(a, ax=axes[2], title="domains: joint embedding (default)")
+                hc.pl.domains(a, ax=axes[2], title="domains: joint embedding")
                 hc.pl.domains(a, color="domain_expression", ax=axes[3], title="domains: expression latent alone")
                 fig.tight_layout()
                 fig.savefig(RESULTS / f"her2st_morphology_{section}.png", dpi=90)

@@ -299,6 +299,8 @@ def test_ctrl_c_while_torch_imports_lazily_leaves_torch_working(tmp_path):
     script = tmp_path / "ctrl_c.py"
     script.write_text(textwrap.dedent("""
         import os, signal, sys
+        # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job ignores SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import torch
         import histoclip as hc
         from histoclip.model import HistoCLIP
