@@ -122,3 +122,14 @@ def test_expression_basis_is_saved_and_restored(fused, tmp_path):
     loaded = HistoCLIP.load(model.save(tmp_path / "m"), adata)
     np.testing.assert_array_equal(loaded.module.expression_basis.cpu().numpy(), basis)
     np.testing.assert_array_equal(loaded.get_latent_representation(adata), model.get_latent_representation(adata))
+
+
+def test_loaded_untrained_model_trains_on_its_saved_basis(tmp_path):
+    adata = hc.datasets.toy(rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+    model = HistoCLIP(adata, **TINY)
+    basis = model.module.expression_basis.detach().clone()
+    assert basis.abs().sum() > 0
+    loaded = HistoCLIP.load(model.save(tmp_path / "m"), adata)
+    loaded.train(1, batch_size=64, accelerator="cpu")  # untrained: the module is rebuilt from the seed
+    torch.testing.assert_close(loaded.module.expression_basis, basis)

@@ -424,9 +424,13 @@ class HistoCLIP:
                 use_image=p["use_image"],
                 spatial_context=p["spatial_context"],
             )
+        # the expression basis comes from the training data (a new model) or from the weights already held (a loaded
+        # model: its file carries the basis), never from a fresh zero buffer
         basis = getattr(self, "_basis", None)
         if basis is not None:
             module.expression_basis.copy_(torch.from_numpy(basis))
+        elif getattr(self, "module", None) is not None:
+            module.expression_basis.copy_(self.module.expression_basis.detach().cpu())
         return module
 
     # ---------------------------------------------------------------------------------------------- training
