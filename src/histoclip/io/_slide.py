@@ -114,16 +114,21 @@ def check_in_memory(adata: AnnData, what: str = "adata") -> None:
         )
 
 
+def _check_unique(names: pd.Index, attr: str, noun: str, why: str, hint: str, what: str) -> None:
+    """Raise ``ValueError`` naming the repeated entries of ``{what}.{attr}`` when it is not unique."""
+    if names.is_unique:
+        return
+    dup = names[names.duplicated()]
+    raise ValueError(
+        f"{what}.{attr} has {len(dup)} duplicated {noun} (first: {list(pd.unique(dup)[:5])}); {why}, so names must "
+        f"be unique. Run {what}.{attr}_make_unique() first ({hint})."
+    )
+
+
 def check_unique_var_names(adata: AnnData, what: str = "adata") -> None:
     """Raise a clear error when gene names repeat: genes are selected and matched by name."""
-    if adata.var_names.is_unique:
-        return
-    dup = adata.var_names[adata.var_names.duplicated()]
-    raise ValueError(
-        f"{what}.var_names has {len(dup)} duplicated gene names (first: {list(pd.unique(dup)[:5])}); genes are matched "
-        f"by name, so names must be unique. Run {what}.var_names_make_unique() first (scanpy.read_visium and "
-        "spatialdata_io.visium do it unless told not to)."
-    )
+    _check_unique(adata.var_names, "var_names", "gene names", "genes are matched by name",
+                  "scanpy.read_visium and spatialdata_io.visium do it unless told not to", what)
 
 
 def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "adata") -> None:
@@ -138,14 +143,8 @@ def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "ad
 
 def check_unique_obs_names(adata: AnnData, what: str = "adata") -> None:
     """Raise a clear error when spot names repeat: results are written by name and would be ambiguous."""
-    if adata.obs_names.is_unique:
-        return
-    dup = adata.obs_names[adata.obs_names.duplicated()]
-    raise ValueError(
-        f"{what}.obs_names has {len(dup)} duplicated spot names (first: {list(pd.unique(dup)[:5])}); results are "
-        f"stored per spot, so names must be unique. Run {what}.obs_names_make_unique() first (after concatenating "
-        "sections, anndata.concat(..., index_unique='-') does the same)."
-    )
+    _check_unique(adata.obs_names, "obs_names", "spot names", "results are stored per spot",
+                  "after concatenating sections, anndata.concat(..., index_unique='-') does the same", what)
 
 
 # --------------------------------------------------------------------------------------------------- AnnData
