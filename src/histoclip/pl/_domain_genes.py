@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 
 
 def _top_genes(table, n_genes: int) -> list[tuple[str, str]]:
-    """Top genes per domain, each gene once; per-section tables first by agreement across sections, then rank."""
+    """Top genes per domain, each gene once; over several sections, first by agreement across them, then rank."""
     out, seen = [], set()
+    several = "section" in table.columns and table["section"].nunique() > 1
     for dom, df in table.groupby("domain", sort=False):
-        if "section" in df.columns:
+        if several:
             order = (df.groupby("gene", sort=False)
                      .agg(n=("n_sections_marker", "max"), rank=("rank", "mean"))
                      .sort_values(["n", "rank"], ascending=[False, True], kind="stable").index)

@@ -136,8 +136,9 @@ def domains(
         a.set_title(panel.slide.library_id)
     fig = axes[0].figure
     if legend:
+        right = max(a.get_position().x1 for a in axes)  # beside the panels, not at the figure's far edge
         fig.legend(handles=category_handles(cats, colors, labels), title=color, loc="center left",
-                   bbox_to_anchor=(1.0, 0.5), frameon=False)
+                   bbox_to_anchor=(right + 0.01, 0.5), frameon=False)
     fig.suptitle(title if title is not None else color)
     finish(axes[0], save)
     return axes

@@ -195,8 +195,10 @@ def domain_genes(
 def _per_section(adata, logx, labels, keep, xy, lib_col, section_key, min_spots, opts) -> pd.DataFrame:
     """One ranking per section (each domain against the rest of that section), stacked, with agreement counts."""
     col = adata.obs[section_key]
-    sections = [str(s) for s in (col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else pd.unique(col))]
     section_of = col.astype(str).to_numpy()
+    present = set(section_of)
+    order = col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else pd.unique(col)  # the column's order
+    sections = [str(s) for s in order if str(s) in present]
     blocks = []
     for s in sections:
         rows = np.flatnonzero(section_of == s)  # every spot of the section, for its spatial graph
