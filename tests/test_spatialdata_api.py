@@ -74,6 +74,16 @@ def _tl_domain_genes(sdata, model):
     assert len(got) > 0
 
 
+def _tl_domain_shares(sdata, model):
+    table = sdata.tables["table"]
+    table.obs["half"] = np.where(np.arange(table.n_obs) % 2 == 0, "s1", "s2")
+    hc.tl.domain_shares(sdata, library_key="half")
+    got = table.uns["histoclip_domain_shares"]
+    np.testing.assert_allclose(got.filter(like="share_").sum(axis=0), 1.0)
+    ref = hc.tl.domain_shares(table.copy(), library_key="half", copy=True)
+    pd.testing.assert_frame_equal(got, ref.uns["histoclip_domain_shares"])  # same as on the table as an AnnData
+
+
 def _tl_image_features(sdata, model):
     pytest.importorskip("efficientnet_lite_pytorch")
     hc.tl.image_features(sdata, image_key=LOW, sizes_um=[110], patch_px=32, tta=False, key_added="feats")
@@ -120,6 +130,15 @@ def _pl_domain_genes(sdata, model):
     assert any(ax.images for ax in fig.axes)
 
 
+def _pl_domain_shares(sdata, model):
+    table = sdata.tables["table"]
+    if "histoclip_domain_shares" not in table.uns:
+        table.obs["half"] = np.where(np.arange(table.n_obs) % 2 == 0, "s1", "s2")
+        hc.tl.domain_shares(sdata, library_key="half")
+    ax = hc.pl.domain_shares(sdata)
+    assert len(ax.patches) == 2 * table.obs["histoclip_domain"].nunique()  # one bar per section and domain
+
+
 def _pl_predicted_expression(sdata, model):
     table = sdata.tables["table"]
     genes = list(model.genes[:2])
@@ -135,8 +154,9 @@ def _pl_predicted_expression(sdata, model):
 CASES = {
     "tl.train": _tl_train, "tl.embed": _tl_embed, "tl.domains": _tl_domains, "tl.domain_genes": _tl_domain_genes,
     "tl.image_features": _tl_image_features, "tl.match_labels": _tl_match_labels,
-    "tl.predict_expression": _tl_predict_expression,
-    "pl.domains": _pl_domains, "pl.embedding": _pl_embedding, "pl.domain_genes": _pl_domain_genes,
+    "tl.predict_expression": _tl_predict_expression, "tl.domain_shares": _tl_domain_shares,
+    "pl.domains": _pl_domains, "pl.domain_shares": _pl_domain_shares, "pl.embedding": _pl_embedding,
+    "pl.domain_genes": _pl_domain_genes,
     "pl.predicted_expression": _pl_predicted_expression, "pl.image_weight": _pl_image_weight,
 }
 NO_DATA_ARGUMENT = {"pl.loss": "takes a model", "pl.gene_correlation": "takes a Series of correlations"}

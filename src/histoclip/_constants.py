@@ -25,6 +25,7 @@ class Key:
         histoclip = "histoclip"
         patches = "histoclip_patches"
         domain_genes = "histoclip_domain_genes"
+        domain_shares = "histoclip_domain_shares"
         prediction = "histoclip_prediction"
 
     class layers:

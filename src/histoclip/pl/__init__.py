@@ -3,6 +3,10 @@
 from ._domain_genes import domain_genes
 from ._plots import domains, embedding, loss
 from ._prediction import gene_correlation, predicted_expression
+from ._shares import domain_shares
 from ._weights import image_weight
 
-__all__ = ["domain_genes", "domains", "embedding", "gene_correlation", "image_weight", "loss", "predicted_expression"]
+__all__ = [
+    "domain_genes", "domain_shares", "domains", "embedding", "gene_correlation", "image_weight", "loss",
+    "predicted_expression",
+]

@@ -1,19 +1,26 @@
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .._constants import Key
 from .._utils import get_table
-from ..io._slide import resolve
-from ..pp._patches import _spot_um
-from ._utils import categories_of, draw_slide, finish, get_ax, palette, pick_slide, plot_image_key
+from ._utils import (
+    categories_of,
+    category_handles,
+    draw_slide,
+    finish,
+    get_ax,
+    palette,
+    panel_axes,
+    resolve_panels,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -26,23 +33,26 @@ def domains(
     data: AnnData | SpatialData,
     *,
     color: str = Key.obs.domain,
-    library_id: str | None = None,
+    library_id: str | Sequence[str] | None = None,
     library_key: str | None = None,
     img_key: str | None = None,
     spot_diameter_um: float | None = None,
     table_key: str = "table",
-    image_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
     reference: str | None = None,
     alpha: float = 0.85,
     title: str | None = None,
     legend: bool = True,
-    ax: Axes | None = None,
+    ncols: int = 3,
+    ax: Axes | Sequence[Axes] | None = None,
     save: str | Path | None = None,
-) -> Axes:
+) -> Axes | list[Axes]:
     """Draw spots coloured by a categorical ``obs`` column (by default the domains) over the H&E image.
 
     Spots are drawn as circles of their true physical size, aligned with the image through the scale factors
-    (or, for SpatialData, the coordinate transformations).
+    (or, for SpatialData, the coordinate transformations). With several libraries (sections), each is drawn in its
+    own panel over its own image, and a category has the same colour on every panel: categories and colours come
+    from the whole ``obs`` column (and ``reference=`` matching from all spots), with one legend for the figure.
 
     Parameters
     ----------
@@ -50,41 +60,49 @@ def domains(
         AnnData (scanpy/squidpy layout) or SpatialData.
     color
         Categorical column of ``obs`` (of the table) to colour by; colours from ``uns[f"{color}_colors"]`` if set.
-    library_id, library_key
-        Which library to draw when the AnnData holds several.
+    library_id
+        The library to draw, or a list of libraries (one panel each, in that order). Default: every library (with
+        ``library_key``, or for a SpatialData table that annotates several regions), else the only one.
+    library_key
+        AnnData with several libraries: the ``obs`` column saying which library each spot belongs to (its values
+        are keys of ``uns["spatial"]``).
     img_key
         Image to draw under the spots (default ``"hires"``, else ``"lowres"``).
     spot_diameter_um
         Physical spot diameter (default as in :func:`histoclip.pp.extract_patches`).
     table_key, image_key
         SpatialData only: the table, and the image drawn under the spots (default: the one the patches were cut
-        from, else the only one, or the one ending in ``hires_image``).
+        from, else the only one, or the one ending in ``hires_image``). When the table annotates several regions,
+        each region (its shapes key is the library id) is drawn over an image sharing a coordinate system with its
+        shapes (the one the patches were cut from, the only one, or the one whose name holds ``hires_image``);
+        ``image_key`` may then be a mapping ``{region: image key}``.
     reference
         Categorical ``obs`` column to share colours with (e.g. the manual layers): each category of ``color`` is
-        paired with the reference label it overlaps most, one to one (Hungarian matching, as in
+        paired with the reference label it overlaps most, one to one (Hungarian matching over all spots, as in
         :func:`histoclip.tl.match_labels`), and drawn in that label's colour, the one
         ``hc.pl.domains(data, color=reference)`` uses; the legend names the pair (``"5 (L6)"``). Categories left
         without a partner get colours the reference does not use.
     alpha
         Opacity of the spots.
     title
-        Axes title (default: the column name).
+        Axes title (default: the column name and the library); with several panels, the figure title (each panel
+        is titled with its library).
     legend
-        Draw a legend of the categories beside the axes.
+        Draw a legend of the categories beside the axes (one for the whole figure with several panels).
+    ncols
+        Panels per row when several libraries are drawn.
     ax
-        Axes to draw into (default: a new figure).
+        Axes to draw into (default: a new figure); with several libraries, a sequence of as many Axes.
     save
         Path to save the figure to.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`.
+    The :class:`matplotlib.axes.Axes` when one library is drawn; a list of them (one per library, in the order
+    drawn) when several are.
 
     """
-    spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
-                    spot_diameter_um=spot_diameter_um, table_key=table_key,
-                    image_key=plot_image_key(data, table_key, image_key))
-    adata = spots.adata
+    adata = get_table(data, table_key)
     if color not in adata.obs:
         raise KeyError(
             f"adata.obs[{color!r}] not found (columns: {list(adata.obs.columns)}); run histoclip.tl.domains first "
@@ -92,7 +110,9 @@ def domains(
         )
     if reference is not None and reference not in adata.obs:
         raise KeyError(f"adata.obs[{reference!r}] (reference=) not found; columns: {list(adata.obs.columns)}.")
-    slide = pick_slide(spots, library_id)
+    adata, panels = resolve_panels(data, library_id=library_id, library_key=library_key, img_key=img_key,
+                                   spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
+    axes = panel_axes(len(panels), ncols=ncols, ax=ax)
     series = adata.obs[color]
     cats = categories_of(series)
     labels = {c: c for c in cats}
@@ -100,17 +120,28 @@ def domains(
         colors, labels = _matched_colors(adata, color, reference)
     else:
         colors = palette(cats, list(adata.uns.get(f"{color}_colors", [])) or None)
-    values = series.astype(str).to_numpy()[slide.index]
-    ax = get_ax(ax)
-    draw_slide(ax, slide, values, spot_diameter_um=_spot_um(spots, spot_diameter_um), categorical=True,
-               colors=colors, alpha=alpha)
+    values = series.astype(str).to_numpy()
+    for a, panel in zip(axes, panels, strict=True):
+        draw_slide(a, panel.slide, values[panel.slide.index], spot_diameter_um=panel.spot_diameter_um,
+                   categorical=True, colors=colors, alpha=alpha)
+    if len(panels) == 1:
+        ax0 = axes[0]
+        if legend:
+            ax0.legend(handles=category_handles(cats, colors, labels), title=color, loc="center left",
+                       bbox_to_anchor=(1.01, 0.5), frameon=False)
+        ax0.set_title(title if title is not None else f"{color} ({panels[0].slide.library_id})")
+        finish(ax0, save)
+        return ax0
+    for a, panel in zip(axes, panels, strict=True):
+        a.set_title(panel.slide.library_id)
+    fig = axes[0].figure
     if legend:
-        handles = [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colors[c],
-                          markeredgewidth=0, label=labels[c]) for c in cats]
-        ax.legend(handles=handles, title=color, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title(title if title is not None else f"{color} ({slide.library_id})")
-    finish(ax, save)
-    return ax
+        right = max(a.get_position().x1 for a in axes)  # beside the panels, not at the figure's far edge
+        fig.legend(handles=category_handles(cats, colors, labels), title=color, loc="center left",
+                   bbox_to_anchor=(right + 0.01, 0.5), frameon=False)
+    fig.suptitle(title if title is not None else color)
+    finish(axes[0], save)
+    return axes
 
 
 def _matched_colors(adata: AnnData, color: str, reference: str) -> tuple[dict, dict]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -8,7 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 
-from ..io._slide import Slide
+from ..io._slide import Slide, SpotData
 
 
 def plot_image_key(data, table_key: str, image_key: str | None) -> str | None:
@@ -83,14 +85,201 @@ def draw_slide(
     return mappable
 
 
-def pick_slide(spots, library_id: str | None) -> Slide:
-    """The slide to draw: the only one, or the one named ``library_id`` (required when there are several)."""
-    if len(spots.slides) > 1 and library_id is None:
-        raise ValueError(f"The data hold {len(spots.slides)} libraries; pass library_id= to choose one.")
-    return spots.slides[0] if library_id is None else next(s for s in spots.slides if s.library_id == library_id)
-
-
 def categories_of(series: pd.Series) -> list[str]:
     if isinstance(series.dtype, pd.CategoricalDtype):
         return [str(c) for c in series.cat.categories]
     return sorted({str(v) for v in series.dropna()})
+
+
+# ------------------------------------------------------------------------------------------ several sections
+@dataclass
+class Panel:
+    """One library to draw: its slide (spots in its image's pixels) and the physical spot diameter."""
+
+    slide: Slide
+    spot_diameter_um: float
+
+
+def _region_key(table) -> str | None:
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region")
+    return None if region is None or isinstance(region, str) else attrs.get("region_key")
+
+
+def _as_ids(library_id) -> list[str] | None:
+    if library_id is None:
+        return None
+    if isinstance(library_id, str):
+        return [library_id]
+    if isinstance(library_id, Sequence) and all(isinstance(i, str) for i in library_id) and len(library_id) > 0:
+        return list(library_id)
+    raise TypeError(f"library_id must be a library id (str) or a non-empty list of them, got {library_id!r}.")
+
+
+def _pick_ids(ids: list[str] | None, available: list[str], where: str) -> list[str]:
+    if ids is None:
+        return available
+    missing = [i for i in ids if i not in available]
+    if missing:
+        raise KeyError(f"library_id {missing} not found; {where} has the libraries {available}.")
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"library_id lists a library more than once: {ids}.")
+    return ids
+
+
+def resolve_panels(
+    data,
+    *,
+    library_id: str | Sequence[str] | None,
+    library_key: str | None,
+    img_key: str | None,
+    spot_diameter_um: float | None,
+    table_key: str,
+    image_key: str | Mapping[str, str] | None,
+):
+    """The table and the libraries to draw, one :class:`Panel` each, in order.
+
+    AnnData: with ``library_key`` every library in that ``obs`` column (or those named by ``library_id``, in that
+    order); without it the only library, or the one named ``library_id`` (as :func:`histoclip.io.resolve`).
+    SpatialData: the shapes the table annotates; when it annotates several, one panel per region (its shapes key is
+    the library id), each over an image that shares a coordinate system with its shapes.
+    """
+    from .._utils import get_table, is_spatialdata
+    from ..io._slide import resolve
+    from ..pp._patches import _spot_um
+
+    ids = _as_ids(library_id)
+    if is_spatialdata(data):
+        table = get_table(data, table_key)
+        if _region_key(table) is not None:
+            return table, _spatialdata_region_panels(data, table, ids, spot_diameter_um, table_key, image_key)
+        if isinstance(image_key, Mapping):
+            raise TypeError("image_key may be a mapping {region: image} only when the table annotates several regions.")
+        spots = resolve(data, spot_diameter_um=spot_diameter_um, table_key=table_key,
+                        image_key=plot_image_key(data, table_key, image_key))
+        slides = [spots.slides[0]]
+        if ids is not None:
+            slides = [next(s for s in spots.slides if s.library_id == i)
+                      for i in _pick_ids(ids, [s.library_id for s in spots.slides], f"table {table_key!r}")]
+        return spots.adata, [Panel(s, _spot_um(spots, spot_diameter_um)) for s in slides]
+    if isinstance(image_key, Mapping):
+        raise TypeError("image_key (a mapping) is for SpatialData; for an AnnData pass img_key='hires' or 'lowres'.")
+    if library_key is None:
+        if ids is not None and len(ids) > 1:
+            raise ValueError(
+                f"library_id names {len(ids)} libraries; pass library_key=... naming the adata.obs column that says "
+                "which library each spot belongs to, so that each panel draws only its own spots."
+            )
+        spots = resolve(data, library_id=None if ids is None else ids[0], img_key=img_key,
+                        spot_diameter_um=spot_diameter_um)
+    else:
+        spots = resolve(data, library_key=library_key, img_key=img_key, spot_diameter_um=spot_diameter_um)
+    by_id = {s.library_id: s for s in spots.slides}
+    chosen = _pick_ids(ids, list(by_id), f"adata.obs[{library_key!r}]") if library_key is not None else list(by_id)
+    panels = []
+    for lib in chosen:
+        one = SpotData(spots.adata, [by_id[lib]], library_key)
+        panels.append(Panel(by_id[lib], _spot_um(one, spot_diameter_um)))
+    return spots.adata, panels
+
+
+def _spatialdata_region_panels(sdata, table, ids, spot_diameter_um, table_key, image_key) -> list[Panel]:
+    """One panel per region of a table that annotates several: each resolved on its own shapes and image."""
+    import anndata as ad
+    from spatialdata import SpatialData
+    from spatialdata.models import TableModel
+    from spatialdata.transformations import get_transformation
+
+    from ..io._slide import resolve
+    from ..pp._patches import _spot_um
+
+    attrs = table.uns["spatialdata_attrs"]
+    region_key, instance_key = attrs["region_key"], attrs["instance_key"]
+    region_of = table.obs[region_key].astype(str).to_numpy()
+    regions = [str(r) for r in pd.unique(region_of)]
+    chosen = _pick_ids(ids, regions, f"table {table_key!r} (column {region_key!r})")
+    if isinstance(image_key, Mapping):
+        unknown = sorted(set(image_key) - set(regions))
+        if unknown:
+            raise KeyError(f"image_key names regions {unknown} that table {table_key!r} does not annotate; "
+                           f"regions: {regions}.")
+    elif image_key is not None and len(chosen) > 1:
+        raise ValueError(
+            f"image_key={image_key!r} names one image, but {len(chosen)} regions are drawn ({chosen}); pass a mapping "
+            "{region: image key}, or leave image_key out to draw each region over its own hires image."
+        )
+    recorded = plot_image_key(sdata, table_key, None)
+    panels = []
+    for region in chosen:
+        if region not in sdata.shapes:
+            raise KeyError(f"Shapes {region!r} (annotated by table {table_key!r}) not found; shapes: "
+                           f"{list(sdata.shapes.keys())}.")
+        shapes = sdata.shapes[region]
+        systems = set(get_transformation(shapes, get_all=True))
+        images = {k: v for k, v in sdata.images.items() if systems & set(get_transformation(v, get_all=True))}
+        key = image_key.get(region) if isinstance(image_key, Mapping) else image_key
+        if key is None:
+            key = _region_image(region, images, recorded)
+        elif key not in images:
+            raise KeyError(f"Image {key!r} shares no coordinate system with shapes {region!r}; images that do: "
+                           f"{list(images)}.")
+        rows = np.flatnonzero(region_of == region)
+        obs = pd.DataFrame({region_key: pd.Categorical([region] * len(rows)),
+                            instance_key: table.obs[instance_key].to_numpy()[rows]}, index=table.obs_names[rows])
+        sub = TableModel.parse(ad.AnnData(obs=obs), region=region, region_key=region_key, instance_key=instance_key)
+        one = SpatialData(images={key: images[key]}, shapes={region: shapes}, tables={"table": sub})
+        spots = resolve(one, spot_diameter_um=spot_diameter_um, image_key=key)
+        s = spots.slides[0]
+        slide = Slide(region, rows[s.index], s.coords, s.um_per_px, s.img_key, s.image)  # rows of the full table
+        panels.append(Panel(slide, _spot_um(spots, spot_diameter_um)))
+    return panels
+
+
+def _region_image(region: str, images: dict, recorded: str | None) -> str:
+    """The image to draw a region over: the one the patches were cut from, the only one, or its hires image."""
+    if recorded is not None and recorded in images:
+        return recorded
+    if len(images) == 1:
+        return next(iter(images))
+    hires = [k for k in images if "hires_image" in k]
+    if len(hires) == 1:
+        return hires[0]
+    raise ValueError(
+        f"Shapes {region!r} share a coordinate system with the images {list(images)}; pass image_key={{{region!r}: "
+        "<one of them>, ...}} to choose the image of each region."
+    )
+
+
+def panel_axes(n: int, *, ncols: int, ax, panel_size: float = 4.5) -> list[Axes]:
+    """``n`` axes for ``n`` panels: new ones in a grid of ``ncols`` columns, or the ones given in ``ax``."""
+    if isinstance(ncols, bool) or not isinstance(ncols, int | np.integer) or ncols < 1:
+        raise ValueError(f"ncols must be a positive int, got {ncols!r}.")
+    if ax is None:
+        if n == 1:
+            return [get_ax(None)]
+        cols = min(int(ncols), n)
+        rows = int(np.ceil(n / cols))
+        fig, grid = plt.subplots(rows, cols, figsize=(panel_size * cols, panel_size * rows), squeeze=False)
+        for extra in grid.ravel()[n:]:
+            fig.delaxes(extra)
+        return list(grid.ravel()[:n])
+    if isinstance(ax, Axes):
+        if n == 1:
+            return [ax]
+        raise ValueError(
+            f"{n} libraries are drawn but ax= is one Axes; pass a list of {n} Axes (one per library, in order), "
+            "library_id=... to draw one library, or leave ax out for a new figure with one panel per library."
+        )
+    axes = list(np.asarray(ax, dtype=object).ravel()) if not isinstance(ax, list | tuple) else list(ax)
+    if len(axes) != n or not all(isinstance(a, Axes) for a in axes):
+        raise ValueError(f"ax= must hold {n} matplotlib Axes (one per library drawn), got {len(axes)} items.")
+    return axes
+
+
+def category_handles(cats: list[str], colors: dict, labels: dict | None = None) -> list:
+    """Legend handles: one round marker per category, in its colour."""
+    from matplotlib.lines import Line2D
+
+    labels = labels or {c: c for c in cats}
+    return [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colors[c], markeredgewidth=0,
+                   label=labels[c]) for c in cats]

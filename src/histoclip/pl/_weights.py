@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import Key
-from ..io._slide import resolve
-from ..pp._patches import _spot_um
-from ._utils import draw_slide, finish, get_ax, pick_slide, plot_image_key
+from .._utils import get_table
+from ._utils import draw_slide, finish, panel_axes, resolve_panels
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from anndata import AnnData
     from matplotlib.axes import Axes
     from spatialdata import SpatialData
@@ -20,20 +21,21 @@ def image_weight(
     data: AnnData | SpatialData,
     *,
     key: str = Key.obs.image_weight,
-    library_id: str | None = None,
+    library_id: str | Sequence[str] | None = None,
     library_key: str | None = None,
     img_key: str | None = None,
     spot_diameter_um: float | None = None,
     table_key: str = "table",
-    image_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
     cmap: str = "magma",
     vmin: float | None = None,
     vmax: float | None = None,
     alpha: float = 0.8,
     title: str | None = None,
-    ax: Axes | None = None,
+    ncols: int = 3,
+    ax: Axes | Sequence[Axes] | None = None,
     save: str | Path | None = None,
-) -> Axes:
+) -> Axes | list[Axes]:
     """Draw, over the H&E image, how much the joint embedding of each spot relies on its image.
 
     The value is the fusion's per-spot weight of the image latent (``obs["histoclip_image_weight"]`` from
@@ -48,43 +50,62 @@ def image_weight(
     key
         Column of ``obs`` with the weight.
     library_id, library_key
-        Which library to draw when the AnnData holds several.
+        Which libraries to draw, as in :func:`histoclip.pl.domains`: with several, one panel each, on one colour
+        scale shared by all panels.
     img_key
         Image to draw under the spots (default ``"hires"``, else ``"lowres"``).
     spot_diameter_um
         Physical spot diameter (default as in :func:`histoclip.pp.extract_patches`).
     table_key, image_key
-        SpatialData only.
+        SpatialData only (as in :func:`histoclip.pl.domains`).
     cmap, alpha
         Colour map and opacity of the spots.
     vmin, vmax
-        Ends of the colour scale (default: the smallest and largest weight on the slide; ``0`` and ``1`` compare
-        slides on one scale).
+        Ends of the colour scale (default: the smallest and largest weight over the spots drawn, all panels
+        together; ``0`` and ``1`` compare figures on one scale).
     title
-        Axes title.
-    ax, save
-        Axes to draw into and path to save to.
+        Axes title (with several panels, the figure title; each panel is titled with its library).
+    ncols
+        Panels per row when several libraries are drawn.
+    ax
+        Axes to draw into (default: a new figure); with several libraries, a sequence of as many Axes.
+    save
+        Path to save the figure to.
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`, with a colour bar of the weight.
+    The :class:`matplotlib.axes.Axes`, with a colour bar of the weight; with several libraries, a list of them (one
+    per library, in the order drawn) sharing one colour bar.
 
     """
-    spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
-                    spot_diameter_um=spot_diameter_um, table_key=table_key,
-                    image_key=plot_image_key(data, table_key, image_key))
-    adata = spots.adata
+    adata = get_table(data, table_key)
     if key not in adata.obs:
         raise KeyError(f"adata.obs[{key!r}] not found (columns: {list(adata.obs.columns)}); run "
                        "histoclip.tl.embed(data, model) with a model trained with its image branch first.")
-    slide = pick_slide(spots, library_id)
     values = np.asarray(adata.obs[key], dtype=float)
     if not np.isfinite(values).all():
         raise ValueError(f"adata.obs[{key!r}] has NaN or inf values.")
-    ax = get_ax(ax)
-    mappable = draw_slide(ax, slide, values[slide.index], spot_diameter_um=_spot_um(spots, spot_diameter_um),
-                          categorical=False, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
-    ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="weight of the image")
-    ax.set_title(title if title is not None else f"image weight in the joint embedding ({slide.library_id})")
-    finish(ax, save)
-    return ax
+    adata, panels = resolve_panels(data, library_id=library_id, library_key=library_key, img_key=img_key,
+                                   spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
+    axes = panel_axes(len(panels), ncols=ncols, ax=ax)
+    drawn = np.concatenate([values[p.slide.index] for p in panels])
+    vmin = float(drawn.min()) if vmin is None else vmin
+    vmax = float(drawn.max()) if vmax is None else vmax
+    mappable = None
+    for a, panel in zip(axes, panels, strict=True):
+        mappable = draw_slide(a, panel.slide, values[panel.slide.index], spot_diameter_um=panel.spot_diameter_um,
+                              categorical=False, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
+    default = "image weight in the joint embedding"
+    if len(panels) == 1:
+        ax0 = axes[0]
+        ax0.figure.colorbar(mappable, ax=ax0, fraction=0.046, pad=0.02, label="weight of the image")
+        ax0.set_title(title if title is not None else f"{default} ({panels[0].slide.library_id})")
+        finish(ax0, save)
+        return ax0
+    for a, panel in zip(axes, panels, strict=True):
+        a.set_title(panel.slide.library_id)
+    fig = axes[0].figure
+    fig.colorbar(mappable, ax=axes, fraction=0.046, pad=0.02, label="weight of the image")
+    fig.suptitle(title if title is not None else default)
+    finish(axes[0], save)
+    return axes

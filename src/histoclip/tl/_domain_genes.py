@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Key
+from .._settings import logger
 from .._utils import get_table, is_spatialdata, timed, write_results
 from ..io._slide import check_spatial, resolve
 from ..pp._genes import counts_matrix, log_normalize
@@ -25,6 +26,53 @@ def morans_i(x: np.ndarray, graph) -> np.ndarray:
     return _morans_i_sparse(sp.csr_matrix(np.asarray(x, dtype=np.float64)), graph)
 
 
+def _rank_block(logx, labels: np.ndarray, rank: np.ndarray, var_names, xy: np.ndarray, groups_col: np.ndarray | None,
+                obs_names, *, method: str, n_genes: int, n_neighbors: int, min_morans_i: float,
+                max_pval_adj: float) -> pd.DataFrame:
+    """Markers of each domain against the other ranked spots of one block (all spots, or one section).
+
+    Spots where ``rank`` is True are ranked by their ``labels``; Moran's I is computed on every spot of the block.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(logx[rank], obs=pd.DataFrame({"g": pd.Categorical(labels[rank])}, index=obs_names[rank]))
+    tmp.var_names = var_names
+    sc.tl.rank_genes_groups(tmp, "g", method=method, use_raw=False, pts=True)
+    res = tmp.uns["rank_genes_groups"]
+    groups = list(res["names"].dtype.names)
+    graph = knn_graph(xy, n_neighbors, groups_col)
+    rows = []
+    candidates: set[str] = set()
+    per_group = {}
+    for g in groups:
+        df = pd.DataFrame({
+            "gene": res["names"][g], "score": res["scores"][g], "logfoldchange": res["logfoldchanges"][g],
+            "pval_adj": res["pvals_adj"][g],
+        })
+        df = df[(df["logfoldchange"] > 0) & (df["pval_adj"] <= max_pval_adj)]
+        per_group[g] = df
+        candidates.update(df["gene"].head(max(5 * n_genes, 50)))
+    cand = sorted(candidates)
+    idx = var_names.get_indexer(cand)
+    mi = dict(zip(cand, morans_i(np.asarray(logx[:, idx].todense()), graph), strict=True)) if cand else {}
+    pts, pts_rest = res["pts"], res["pts_rest"]
+    for g in groups:
+        df = per_group[g]
+        df = df[df["gene"].isin(mi.keys())].copy()
+        df["morans_i"] = df["gene"].map(mi)
+        df = df[df["morans_i"] >= min_morans_i].head(n_genes)
+        df.insert(0, "domain", g)
+        df.insert(1, "rank", np.arange(1, len(df) + 1))
+        df["frac_in_domain"] = pts.loc[df["gene"], g].to_numpy()
+        df["frac_elsewhere"] = pts_rest.loc[df["gene"], g].to_numpy()
+        rows.append(df)
+    table = pd.concat(rows, ignore_index=True)
+    table["domain"] = table["domain"].astype(str)
+    table["gene"] = table["gene"].astype(str)
+    return table
+
+
 def domain_genes(
     data: AnnData | SpatialData,
     *,
@@ -36,6 +84,8 @@ def domain_genes(
     max_pval_adj: float = 0.05,
     layer: str | None = None,
     library_key: str | None = None,
+    section_key: str | None = None,
+    min_spots: int = 10,
     table_key: str = "table",
     key_added: str = Key.uns.domain_genes,
     copy: bool = False,
@@ -47,6 +97,10 @@ def domain_genes(
     autocorrelation (Moran's I on a ``n_neighbors`` spatial k-NN graph) is at least ``min_morans_i`` are kept, the
     top ``n_genes`` per domain.
 
+    With ``section_key``, the same is done within each section separately (a domain against the rest of that
+    section, Moran's I on that section's graph), so markers can be compared across sections: a domain with the same
+    meaning everywhere has the same markers on every section.
+
     Parameters
     ----------
     data
@@ -55,7 +109,7 @@ def domain_genes(
     groupby
         Categorical ``obs`` column of domains (:func:`histoclip.tl.domains` writes ``"histoclip_domain"``).
     n_genes
-        Genes kept per domain.
+        Genes kept per domain (per domain and section, with ``section_key``).
     method
         Test of ``scanpy.tl.rank_genes_groups`` (``"wilcoxon"``, ``"t-test"``, ``"logreg"``...).
     n_neighbors
@@ -68,6 +122,13 @@ def domain_genes(
         Layer with raw counts (default ``X``).
     library_key
         Column of ``obs`` with each spot's library (the spatial graph never links libraries).
+    section_key
+        Column of ``obs`` with each spot's section (e.g. the same as ``library_key``): rank markers within each
+        section separately. Default: all spots together.
+    min_spots
+        With ``section_key``: a domain is ranked on a section only where it has at least this many spots (a
+        handful of stray spots gives no markers worth reading); sections with fewer than two such domains are left
+        out (logged).
     table_key
         SpatialData only: the table with the counts and domains.
     key_added
@@ -81,11 +142,12 @@ def domain_genes(
     :class:`pandas.DataFrame` with one row per
     (domain, gene): ``domain``, ``rank`` (1 = strongest), ``gene``, ``score``, ``logfoldchange``, ``pval_adj``,
     ``morans_i``, ``frac_in_domain``, ``frac_elsewhere``; and ``uns["histoclip"]["params"]["domain_genes"]``.
+    With ``section_key``, one block of rows per section, with a first column ``section`` and two more columns:
+    ``n_sections_marker`` (on how many sections this gene is among this domain's markers) and
+    ``n_sections_tested`` (on how many sections the domain was ranked); a gene with
+    ``n_sections_marker == n_sections_tested`` marks the domain on every section it was ranked on.
 
     """
-    import anndata as ad
-    import scanpy as sc
-
     if copy and is_spatialdata(data):
         raise ValueError("copy=True is only supported for AnnData input.")
     adata = get_table(data, table_key)
@@ -94,60 +156,69 @@ def domain_genes(
             f"adata.obs[{groupby!r}] not found (columns: {list(adata.obs.columns)}); run histoclip.tl.domains first "
             "or pass groupby=."
         )
+    for what, col in (("library_key", library_key), ("section_key", section_key)):
+        if col is not None and col not in adata.obs:
+            raise KeyError(f"{what} {col!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
+    if isinstance(min_spots, bool) or not isinstance(min_spots, int | np.integer) or min_spots < 2:
+        raise ValueError(f"min_spots must be an int >= 2, got {min_spots!r}.")
     labels = adata.obs[groupby]
     keep = labels.notna().to_numpy()
     if labels[keep].nunique() < 2:
         raise ValueError(f"adata.obs[{groupby!r}] has fewer than two domains; nothing to compare.")
+    if section_key is not None and adata.obs[section_key].isna().any():
+        raise ValueError(f"adata.obs[{section_key!r}] (section_key=) has {int(adata.obs[section_key].isna().sum())} "
+                         "missing values; every spot needs its section.")
     if is_spatialdata(data):  # spot centres from the shapes the table annotates
         xy = resolve(data, table_key=table_key, library_key=library_key, need_image=False).coords()
     else:
         xy = check_spatial(adata)
     x = counts_matrix(adata, layer)
+    label_str = labels.astype(str).to_numpy()
+    lib_col = adata.obs[library_key].astype(str).to_numpy() if library_key is not None else None
+    opts = {"method": method, "n_genes": n_genes, "n_neighbors": n_neighbors, "min_morans_i": min_morans_i,
+            "max_pval_adj": max_pval_adj}
     with timed("domain_genes"):
         logx = log_normalize(x)
-        tmp = ad.AnnData(logx[keep], obs=pd.DataFrame({"g": labels[keep].astype(str).astype("category").to_numpy()},
-                                                       index=adata.obs_names[keep]))
-        tmp.var_names = adata.var_names
-        sc.tl.rank_genes_groups(tmp, "g", method=method, use_raw=False, pts=True)
-        res = tmp.uns["rank_genes_groups"]
-        groups = list(res["names"].dtype.names)
-        groups_col = None
-        if library_key is not None:
-            if library_key not in adata.obs:
-                raise KeyError(f"library_key {library_key!r} is not a column of adata.obs; columns: "
-                               f"{list(adata.obs.columns)}.")
-            groups_col = adata.obs[library_key].astype(str).to_numpy()
-        graph = knn_graph(xy, n_neighbors, groups_col)
-        rows = []
-        candidates: set[str] = set()
-        per_group = {}
-        for g in groups:
-            df = pd.DataFrame({
-                "gene": res["names"][g], "score": res["scores"][g], "logfoldchange": res["logfoldchanges"][g],
-                "pval_adj": res["pvals_adj"][g],
-            })
-            df = df[(df["logfoldchange"] > 0) & (df["pval_adj"] <= max_pval_adj)]
-            per_group[g] = df
-            candidates.update(df["gene"].head(max(5 * n_genes, 50)))
-        cand = sorted(candidates)
-        idx = adata.var_names.get_indexer(cand)
-        mi = dict(zip(cand, morans_i(np.asarray(logx[:, idx].todense()), graph), strict=True)) if cand else {}
-        pts, pts_rest = res["pts"], res["pts_rest"]
-        for g in groups:
-            df = per_group[g]
-            df = df[df["gene"].isin(mi.keys())].copy()
-            df["morans_i"] = df["gene"].map(mi)
-            df = df[df["morans_i"] >= min_morans_i].head(n_genes)
-            df.insert(0, "domain", g)
-            df.insert(1, "rank", np.arange(1, len(df) + 1))
-            df["frac_in_domain"] = pts.loc[df["gene"], g].to_numpy()
-            df["frac_elsewhere"] = pts_rest.loc[df["gene"], g].to_numpy()
-            rows.append(df)
-        table = pd.concat(rows, ignore_index=True)
-        table["domain"] = table["domain"].astype(str)
-        table["gene"] = table["gene"].astype(str)
+        if section_key is None:
+            table = _rank_block(logx, label_str, keep, adata.var_names, xy, lib_col, adata.obs_names, **opts)
+        else:
+            table = _per_section(adata, logx, label_str, keep, xy, lib_col, section_key, min_spots, opts)
     target = adata.copy() if copy else adata
     params = {"groupby": groupby, "n_genes": n_genes, "method": method, "n_neighbors": n_neighbors,
               "min_morans_i": min_morans_i, "max_pval_adj": max_pval_adj, "layer": layer, "library_key": library_key}
+    if section_key is not None:
+        params.update({"section_key": section_key, "min_spots": int(min_spots)})
     write_results(target, uns={key_added: table}, params=("domain_genes", params))
     return target if copy else None
+
+
+def _per_section(adata, logx, labels, keep, xy, lib_col, section_key, min_spots, opts) -> pd.DataFrame:
+    """One ranking per section (each domain against the rest of that section), stacked, with agreement counts."""
+    col = adata.obs[section_key]
+    section_of = col.astype(str).to_numpy()
+    present = set(section_of)
+    order = col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else pd.unique(col)  # the column's order
+    sections = [str(s) for s in order if str(s) in present]
+    blocks = []
+    for s in sections:
+        rows = np.flatnonzero(section_of == s)  # every spot of the section, for its spatial graph
+        counts = pd.Series(labels[rows][keep[rows]]).value_counts()
+        ranked = set(counts.index[counts >= min_spots])
+        rank = keep[rows] & np.isin(labels[rows], list(ranked))
+        if len(ranked) < 2:
+            logger.warning("domain_genes: section %r has %d domain(s) with >= %d spots; left out (nothing to compare).",
+                           s, len(ranked), min_spots)
+            continue
+        block = _rank_block(logx[rows], labels[rows], rank, adata.var_names, xy[rows],
+                            None if lib_col is None else lib_col[rows], adata.obs_names[rows], **opts)
+        block.insert(0, "section", s)
+        blocks.append((block, sorted(ranked)))
+    if not blocks:
+        raise ValueError(f"No section of adata.obs[{section_key!r}] has two domains with >= {min_spots} spots each; "
+                         "lower min_spots= or leave section_key out.")
+    table = pd.concat([b for b, _ in blocks], ignore_index=True)
+    tested = pd.Series([d for _, ranked in blocks for d in ranked]).value_counts()
+    table["n_sections_marker"] = table.groupby(["domain", "gene"])["section"].transform("nunique").astype(np.int64)
+    table["n_sections_tested"] = table["domain"].map(tested).astype(np.int64)
+    table["section"] = table["section"].astype(str)
+    return table
