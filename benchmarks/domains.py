@@ -2,6 +2,13 @@
 
 Usage: python benchmarks/domains.py [H5AD ...] [--label layer] [--n-domains K] [--seeds 0 1 2 3 4]
                                     [--ablation-seeds 0 1 2] [--out benchmarks/results/domains]
+       python benchmarks/domains.py --pooled [H5AD H5AD ...] [--seeds 0 1 2 3 4] [--model-seeds 0 1 2]
+                                    [--out benchmarks/results/domains_pooled]
+--pooled clusters the slides together (one labelling, tl.domains with a list) and scores the pooled labels (one ARI
+over every labelled spot of every slide) and each slide's share of them, beside each slide clustered alone; on the
+slides as they are and on three altered copies of the last slide: its counts rescaled per gene (log-normal factors,
+sd 0.5) and thinned to 60% (a section-wide technical shift), its white matter removed (a domain missing from one
+section), and both.
 Default slides: ../shared/data/dlpfc/DLPFC_151673.h5ad and DLPFC_151674.h5ad (relative to the repository).
 Metric: adjusted Rand index (and NMI) of the domains against obs[label], spots without a label ignored, with the number
 of domains set to the number of labels. Every method runs in this process on the same slide with one set of defaults
@@ -53,6 +60,81 @@ def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
     return np.concatenate([(b - b.mean(0)) / np.sqrt(((b - b.mean(0)) ** 2).sum(1).mean()) for b in blocks], axis=1)
 
 
+def shifted(adata: ad.AnnData, seed: int = 0) -> ad.AnnData:
+    """A copy with every gene's counts rescaled by a log-normal factor (sd 0.5) and thinned to 60%."""
+    import scipy.sparse as sp
+
+    r = np.random.default_rng(seed)
+    out = adata.copy()
+    x = sp.csr_matrix(out.X).astype(np.float64)
+    x = x.multiply(np.exp(r.normal(0, 0.5, x.shape[1]))[None, :]).tocsr()
+    x.data = np.floor(x.data + r.random(x.data.size))
+    x.data = r.binomial(x.data.astype(np.int64), 0.6).astype(np.float64)
+    x.eliminate_zeros()
+    out.X = x.astype(np.float32)
+    return out
+
+
+def pooled(paths: list[str], label: str, n_domains: int | None, seeds: list[int], model_seeds: list[int],
+           records: list[dict]) -> None:
+    """Several slides clustered together: model-free (centering on and off) and the joint embedding of one model."""
+    slides = {}
+    for path in paths:
+        a = ad.read_h5ad(path)
+        if "gene_symbol" in a.var:
+            a.var_names = a.var["gene_symbol"].astype(str).to_numpy()
+            a.var_names_make_unique()
+        slides[Path(path).stem] = a
+    names = list(slides)
+    last = names[-1]
+    no_wm = lambda a: a[a.obs[label].astype(str) != "WM"].copy()  # noqa: E731
+    variants = {
+        "as they are": slides,
+        f"{last} shifted": {**slides, last: shifted(slides[last])},
+        f"{last} without WM": {**slides, last: no_wm(slides[last])},
+        f"{last} shifted, without WM": {**slides, last: no_wm(shifted(slides[last]))},
+    }
+    k = n_domains or int(pd.concat([a.obs[label] for a in slides.values()]).dropna().nunique())
+
+    def score(variant, method, seed, tables, seconds, extra=None):
+        truth = pd.concat([t.obs[label].astype(object) for t in tables])
+        pred = pd.concat([t.obs["histoclip_domain"].astype(object) for t in tables])
+        r = {"table": "pooled", "variant": variant, "method": method, "seed": seed,
+             "ari": hc.metrics.domain_scores(truth, pred)["ari"], "nmi": hc.metrics.domain_scores(truth, pred)["nmi"],
+             "wall_s": round(seconds, 2), "loadavg_1min": round(os.getloadavg()[0], 2), **(extra or {})}
+        for name, t in zip(names, tables, strict=True):
+            r[f"ari_{name}"] = hc.metrics.domain_scores(t.obs[label], t.obs["histoclip_domain"])["ari"]
+        records.append(r)
+        print(json.dumps(r), flush=True)
+
+    for variant, data in variants.items():
+        tables = [data[n].copy() for n in names]
+        for seed in seeds:
+            t = time.perf_counter()
+            for tab in tables:
+                hc.tl.domains(tab, n_domains=k, rng=seed)
+            score(variant, "model-free, each slide alone", seed, tables, time.perf_counter() - t)
+            for bc in ("center", None):
+                t = time.perf_counter()
+                hc.tl.domains(tables, n_domains=k, rng=seed, batch_correction=bc)
+                score(variant, f"model-free, pooled, batch_correction={bc!r}", seed, tables, time.perf_counter() - t)
+        if variant not in ("as they are", f"{last} shifted"):
+            continue
+        for seed in model_seeds:
+            t = time.perf_counter()
+            for tab in tables:
+                hc.pp.extract_patches(tab)
+            model = hc.tl.train(tables, rng=seed)
+            for tab in tables:
+                hc.tl.embed(tab, model)
+            t_model = time.perf_counter() - t
+            for bc in ("center", None):
+                t = time.perf_counter()
+                hc.tl.domains(tables, n_domains=k, rng=seed, use_rep="X_histoclip", batch_correction=bc)
+                score(variant, f"joint X_histoclip of one model trained on all slides, pooled, batch_correction={bc!r}",
+                      seed, tables, t_model + time.perf_counter() - t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("h5ad", nargs="*", default=[str(x) for x in DEFAULT])
@@ -61,6 +143,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "domains"))
+    p.add_argument("--pooled", action="store_true", help="cluster the slides together (see the module docstring)")
+    p.add_argument("--model-seeds", type=int, nargs="*", default=[0, 1, 2], help="--pooled: seeds of the model rows")
     p.add_argument("--from-json", nargs="*", default=[], help="summarise the records of earlier runs (one per slide, "
                    "run side by side) instead of running")
     args = p.parse_args()
@@ -69,7 +153,9 @@ def main() -> None:
     load = os.getloadavg()
     for f in args.from_json:
         records += json.loads(Path(f).read_text())["records"]
-    for path in [] if args.from_json else args.h5ad:
+    if args.pooled and not args.from_json:
+        pooled(args.h5ad, args.label, args.n_domains, args.seeds, args.model_seeds, records)
+    for path in [] if (args.from_json or args.pooled) else args.h5ad:
         adata = ad.read_h5ad(path)
         if "gene_symbol" in adata.var:
             adata.var_names = adata.var["gene_symbol"].astype(str).to_numpy()
@@ -142,8 +228,27 @@ def main() -> None:
              "covariance, 20 restarts); wall time = train + embed + domains per slide and seed on the 2-core CPU, "
              f"shared with other jobs (1-min load average {load[0]:.1f} at the start; per-record loads in the JSON). "
              "Produced by `benchmarks/domains.py`.", ""]
+    if args.pooled:
+        lines[0] = "# Spatial domains on several DLPFC sections clustered together"
+        lines[2] = (f"Pooled ARI: one ARI over every labelled spot of every slide against `obs['{args.label}']`, with "
+                    "as many domains as labels; per-slide ARI of the same labels beside it. Mean and sd over seeds "
+                    f"(model-free: {args.seeds}; model rows: {args.model_seeds}). Package defaults throughout; "
+                    f"1-min load average {load[0]:.1f} at the start. Produced by `benchmarks/domains.py --pooled`.")
+        # slides clustered alone have labels of their own: a pooled ARI over them would compare unmatched labels
+        df.loc[df["method"].str.endswith("alone"), ["ari", "nmi"]] = np.nan
+        per = [c for c in df.columns if c.startswith("ari_")]
+        agg = {"ari_mean": ("ari", "mean"), "ari_sd": ("ari", "std"), **{c: (c, "mean") for c in per},
+               "wall_s": ("wall_s", "mean"), "n": ("seed", "count")}
+        summary = df.groupby(["variant", "method"], sort=False).agg(**agg)
+        head = " | ".join(c[4:] for c in per)
+        lines += [f"| slides | method | pooled ARI mean | sd | {head} | wall s | seeds |",
+                  "|---|---|---|---|" + "---|" * len(per) + "---|---|"]
+        for (variant, method), row in summary.iterrows():
+            lines.append(f"| {variant} | {method} | {row.ari_mean:.3f} | {row.ari_sd:.3f} | ".replace("nan", "-")
+                         + " | ".join(f"{row[c]:.3f}" for c in per) + f" | {row.wall_s:.1f} | {int(row.n)} |")
+        print(summary.round(3).to_string())
     for table in ("main", "ablation"):
-        sub = df[df.table == table]
+        sub = df[df.table == table] if "table" in df else df.iloc[:0]
         if sub.empty:
             continue
         summary = sub.groupby(["method", "slide"], sort=False).agg(

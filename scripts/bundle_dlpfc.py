@@ -1,20 +1,23 @@
-"""Build the DLPFC 151673 file bundled in the package from the shared data folder.
+"""Build the DLPFC files bundled in the package (sections 151673 and 151674) from the shared data folder.
 
-Run from the repository root: python scripts/bundle_dlpfc.py ../shared/data/dlpfc/DLPFC_151673.h5ad
+Run from the repository root: python scripts/bundle_dlpfc.py ../shared/data/dlpfc/DLPFC_151673.h5ad [more.h5ad]
 Gene symbols become var_names (Ensembl ids stay in var["gene_ids"]); counts, coordinates, the lowres image,
-scale factors and the manual layers are kept unchanged.
+scale factors and the manual layers are kept unchanged. Writes src/histoclip/datasets/_data/dlpfc_<id>.h5ad.
 """
 
 import sys
+from pathlib import Path
 
 import anndata as ad
 
-src = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/dlpfc/DLPFC_151673.h5ad"
-a = ad.read_h5ad(src)
-a.var_names = a.var["gene_symbol"].astype(str).to_numpy()
-a.var = a.var[["gene_ids"]]
-a.obs = a.obs[["in_tissue", "array_row", "array_col", "layer"]].copy()
-a.obs["layer"] = a.obs["layer"].astype("category")
-a.uns["spatial"]["151673"]["metadata"]["spot_diameter_um"] = 55.0
-a.write_h5ad("src/histoclip/datasets/_data/dlpfc_151673.h5ad", compression="gzip")
-print(a)
+for src in sys.argv[1:] or ["../shared/data/dlpfc/DLPFC_151673.h5ad"]:
+    section = Path(src).stem.split("_")[-1]
+    a = ad.read_h5ad(src)
+    a.var_names = a.var["gene_symbol"].astype(str).to_numpy()
+    assert a.var_names.is_unique, f"{src}: gene symbols are not unique"
+    a.var = a.var[["gene_ids"]]
+    a.obs = a.obs[["in_tissue", "array_row", "array_col", "layer"]].copy()
+    a.obs["layer"] = a.obs["layer"].astype("category")
+    a.uns["spatial"][section]["metadata"]["spot_diameter_um"] = 55.0
+    a.write_h5ad(f"src/histoclip/datasets/_data/dlpfc_{section}.h5ad", compression="gzip")
+    print(a)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 import histoclip as hc
 
@@ -10,6 +11,17 @@ def test_dlpfc_bundled():
     assert a.uns["spatial"]["151673"]["images"]["lowres"].shape == (600, 600, 3)
     assert {"MOBP", "PCP4", "RELN"} <= set(a.var_names)
     assert float(a.X.max()) > 1 and np.allclose(a.X.data, np.round(a.X.data))  # raw counts
+
+
+def test_second_dlpfc_section_bundled():
+    b = hc.datasets.dlpfc(section="151674")
+    assert b.shape == (3673, 5000)
+    assert list(b.uns["spatial"]) == ["151674"]
+    assert set(b.obs["layer"].dropna().unique()) == {"L1", "L2", "L3", "L4", "L5", "L6", "WM"}
+    # each section keeps its own 5000 genes; pooling them uses the genes they share
+    assert len(b.var_names.intersection(hc.datasets.dlpfc().var_names)) == 2340
+    with pytest.raises(ValueError, match="151673.*151674"):
+        hc.datasets.dlpfc(section="151675")
 
 
 def test_toy_is_seeded():

@@ -12,22 +12,35 @@ from anndata import AnnData
 from .._utils import RNGLike, resolve_seed
 
 
-def dlpfc() -> AnnData:
-    """Human DLPFC 10x Visium section 151673 (Maynard et al. 2021), bundled with the package.
+DLPFC_SECTIONS = ("151673", "151674")
 
-    3639 spots x 5000 genes (raw UMI counts in ``X``), the lowres H&E image and scale factors in
-    ``uns["spatial"]["151673"]``, spot centres in ``obsm["spatial"]`` (full-resolution pixels), and the manual
-    cortical layers (L1-L6, WM; 28 spots unlabelled) in ``obs["layer"]``: the standard spatial-domain benchmark.
+
+def dlpfc(section: str = "151673") -> AnnData:
+    """Human DLPFC 10x Visium section 151673 or 151674 (Maynard et al. 2021, donor 3), bundled with the package.
+
+    151673: 3639 spots, 151674: 3673 spots; 5000 genes each (raw UMI counts in ``X``; the source kept a different
+    5000 per section, 2340 of them shared, and pooled analyses use the shared ones), the lowres H&E image and scale
+    factors in ``uns["spatial"][section]``, spot centres in ``obsm["spatial"]`` (full-resolution pixels), and the
+    manual cortical layers (L1-L6, WM; about 30 spots unlabelled) in ``obs["layer"]``: the standard spatial-domain
+    benchmark. The two are neighbouring sections of one donor (10 um apart), bundled so that several sections can be
+    analysed together offline (``hc.tl.domains([a, b])``).
     The image is the 600 x 600 px lowres one (a spot is about 4 pixels), so morphology is a weak signal here.
     squidpy's plots look for a ``hires`` image by default: pass ``img_res_key="lowres"``, e.g.
     ``sq.pl.spatial_scatter(adata, color="histoclip_domain", img_res_key="lowres")``.
+
+    Parameters
+    ----------
+    section
+        ``"151673"`` or ``"151674"``.
 
     Returns
     -------
     A new AnnData each call.
 
     """
-    path = files("histoclip.datasets") / "_data" / "dlpfc_151673.h5ad"
+    if str(section) not in DLPFC_SECTIONS:
+        raise ValueError(f"section must be one of {DLPFC_SECTIONS} (the bundled DLPFC sections), got {section!r}.")
+    path = files("histoclip.datasets") / "_data" / f"dlpfc_{section}.h5ad"
     return ad.read_h5ad(str(path))
 
 
