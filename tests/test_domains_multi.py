@@ -104,3 +104,15 @@ def test_bad_arguments_for_several_sections():
     with pytest.raises(ValueError, match="empty list"):
         hc.tl.domains([], n_domains=3)
     assert "histoclip_domain" not in a.obs
+
+
+def test_list_of_spatialdata_objects():
+    from .conftest import toy_spatialdata
+
+    a, b = toy_spatialdata(hc.datasets.toy(rng=0)), toy_spatialdata(_shifted(hc.datasets.toy(rng=1)))
+    hc.tl.domains([a, b], n_domains=3, rng=0)
+    tables = [a.tables["table"], b.tables["table"]]
+    assert all("histoclip_domain" in t.obs for t in tables)
+    assert _pooled_ari(tables) > 0.8
+    with pytest.raises(ValueError, match="copy=True"):
+        hc.tl.domains([a, b], n_domains=3, copy=True)

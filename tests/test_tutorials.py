@@ -19,7 +19,8 @@ def datasetdir(her2st_data_root) -> Path:
 
 
 def test_there_are_tutorials():
-    assert {p.name for p in NOTEBOOKS} >= {"domains_dlpfc.ipynb", "prediction_her2st.ipynb", "spatialdata.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"domains_dlpfc.ipynb", "prediction_her2st.ipynb", "spatialdata.ipynb",
+                                         "several_sections_dlpfc.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

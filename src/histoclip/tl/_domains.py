@@ -184,8 +184,8 @@ def domains(
     components, clustered (Gaussian mixture: pure Python, no R; leiden with a resolution search that reaches
     ``n_domains``; or k-means), then optionally refined by a majority vote over each spot's neighbours.
 
-    **Several sections** (an AnnData with ``library_key``, a SpatialData whose table annotates several regions, or a
-    list of AnnData/SpatialData objects) are clustered together, so a domain label means the same tissue on every
+    **Several sections** (an AnnData with ``library_key``, or a list of AnnData/SpatialData objects, one per
+    section) are clustered together, so a domain label means the same tissue on every
     section. Spatial graphs never link sections; genes are ranked by Moran's I averaged over sections; and with
     ``batch_correction="center"`` each section's mean is subtracted from the representation first (the expression
     of the selected genes, or ``obsm[use_rep]``), which removes a shift shared by a whole section (sequencing depth,
