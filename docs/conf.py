@@ -68,7 +68,8 @@ def _assemble() -> None:
     out.mkdir(exist_ok=True)
     for png in results.glob("*.png"):
         _sync(png, out / png.name)
-    for name, script in (("prediction.md", "prediction.py"), ("domains.md", "domains.py"), ("speed.md", "speed.py"),
+    for name, script in (("prediction.md", "prediction.py"), ("domains.md", "domains.py"),
+                         ("domains_pooled.md", "domains.py --pooled"), ("speed.md", "speed.py"),
                          ("compare_speed.md", "compare_speed.py"), ("her2st_morphology.md", "her2st_morphology.py")):
         if (results / name).is_file():
             _sync(results / name, out / name)
