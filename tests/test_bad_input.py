@@ -112,7 +112,8 @@ def test_nan_coordinates(small):
 def test_coordinates_entirely_outside_image_wrong_scale_factors(small):
     small.uns["spatial"]["toy"]["scalefactors"]["tissue_hires_scalef"] = 0.5  # should be 0.2
     rejects(small, ValueError,
-            r"48 of 64 spots .* entirely outside image 'hires' .*first: \['spot_4'.*scalefactors\['tissue_hires_scalef'\]")
+            r"48 of 64 spots .* entirely outside image 'hires' .*first: \['spot_4'"
+            r".*scalefactors\['tissue_hires_scalef'\]")
 
 
 def test_coordinates_partly_outside_image_are_padded(small, caplog):
@@ -444,5 +445,6 @@ def test_every_test_is_a_row_of_the_docs_table():
     text = DOC.read_text()
     rows = [line for line in text.splitlines() if line.startswith("|") and "`test_" in line]
     documented = set(re.findall(r"`(test_\w+)`", "\n".join(rows)))
-    here = {name for name in globals() if name.startswith("test_") and name != "test_every_test_is_a_row_of_the_docs_table"}
+    this = "test_every_test_is_a_row_of_the_docs_table"
+    here = {name for name in globals() if name.startswith("test_") and name != this}
     assert here == documented

@@ -116,3 +116,22 @@ def test_list_of_spatialdata_objects():
     assert _pooled_ari(tables) > 0.8
     with pytest.raises(ValueError, match="copy=True"):
         hc.tl.domains([a, b], n_domains=3, copy=True)
+
+
+def test_spatialdata_table_over_several_regions():
+    from .test_multisection import two_region_spatialdata
+
+    sdata = two_region_spatialdata()
+    table = sdata.tables["table"]
+    regions = [str(r) for r in table.uns["spatialdata_attrs"]["region"]]
+    hc.tl.domains(sdata, n_domains=3, rng=0, n_genes=50)
+    labels = table.obs["histoclip_domain"]
+    assert labels.notna().all() and labels.nunique() == 3
+    assert list(table.uns["histoclip"]["params"]["domains"]["sections"]) == regions
+    # the two regions are copies of one slide: the same spot gets the same domain on both
+    first, second = (table.obs["region"].astype(str) == r for r in regions)
+    assert (labels[first].to_numpy() == labels[second].to_numpy()).mean() > 0.95
+    # and the domain genes of such a table, per region
+    hc.tl.domain_genes(sdata, section_key="region", n_genes=5)
+    genes = table.uns["histoclip_domain_genes"]
+    assert set(genes["section"]) == set(regions)

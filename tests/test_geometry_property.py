@@ -109,7 +109,8 @@ def test_extract_patches_follows_scale_factors(scalef, spot_diameter_fullres, si
 def test_patch_entirely_outside_is_an_error(w, h, side_px, gap, corner):
     """A patch that cannot hold a single image pixel always means coordinates and image disagree."""
     far = side_px / 2 + 0.5 + gap  # the box [round(c - side/2), +side) ends before 0 or starts after the edge
-    cx, cy = {"left": (-far, h / 2), "right": (w + far, h / 2), "top": (w / 2, -far), "bottom": (w / 2, h + far)}[corner]
+    sides = {"left": (-far, h / 2), "right": (w + far, h / 2), "top": (w / 2, -far), "bottom": (w / 2, h + far)}
+    cx, cy = sides[corner]
     coords = np.array([[w / 2, h / 2], [cx, cy]])
     spots = _spots(coords, 1.0, ImageSource(np.zeros((h, w, 3), np.uint8)))
     with pytest.raises(ValueError, match=r"1 of 2 spots .* entirely outside image .*first: \['s1'\]"):

@@ -11,7 +11,6 @@ from anndata import AnnData
 
 from .._utils import RNGLike, resolve_seed
 
-
 DLPFC_SECTIONS = ("151673", "151674")
 
 

@@ -131,7 +131,8 @@ class ResNet(nn.Module):
         if missing or unexpected or wrong:
             raise ValueError(
                 f"{path.name} does not match this ResNet: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})."
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
+                f"(e.g. {wrong[:3]})."
             )
         self.load_state_dict(state, strict=True)
 
@@ -173,7 +174,8 @@ class ImageEncoder(nn.Module):
             self.backbone = nn.Identity()
             self.backbone.out_dim = in_features  # type: ignore[attr-defined]
         else:
-            raise ValueError(f"backbone must be 'cnn', 'resnet18', 'resnet34', 'resnet50' or 'features', got {backbone!r}.")
+            raise ValueError(
+                f"backbone must be 'cnn', 'resnet18', 'resnet34', 'resnet50' or 'features', got {backbone!r}.")
         if backbone == "cnn" and weights is not None:
             raise ValueError("weights= applies to ResNet backbones only.")
         self.out_dim = int(self.backbone.out_dim)

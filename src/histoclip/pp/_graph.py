@@ -156,7 +156,8 @@ def spatial_neighbors(
     groups = None
     if library_key is not None:
         if library_key not in adata.obs:
-            raise KeyError(f"library_key {library_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
+            raise KeyError(
+                f"library_key {library_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
         groups = adata.obs[library_key].astype(str).to_numpy()
     a = knn_graph(xy, n_neighbors, groups)
     target = adata.copy() if copy else adata

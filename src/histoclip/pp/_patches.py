@@ -31,8 +31,8 @@ def patch_boxes(spots: SpotData, size_um: float) -> tuple[np.ndarray, dict[str, 
         if not np.isfinite(side_f) or side_f < 1:
             raise ValueError(
                 f"A {size_um} um patch is {side_f:.3g} pixels in image {s.img_key!r} of library {s.library_id!r} "
-                f"({s.um_per_px:.3g} um per pixel): smaller than one pixel. Use a larger size_um or a higher-resolution "
-                "image (img_key='hires' or 'fullres')."
+                f"({s.um_per_px:.3g} um per pixel): smaller than one pixel. Use a larger size_um or a "
+                "higher-resolution image (img_key='hires' or 'fullres')."
             )
         if s.image is not None and side_f > max(s.image.height, s.image.width):
             raise ValueError(

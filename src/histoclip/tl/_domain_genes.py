@@ -8,7 +8,7 @@ import pandas as pd
 from .._constants import Key
 from .._settings import logger
 from .._utils import get_table, is_spatialdata, timed, write_results
-from ..io._slide import check_spatial, resolve
+from ..io._slide import check_spatial
 from ..pp._genes import counts_matrix, log_normalize
 from ..pp._graph import knn_graph
 
@@ -168,13 +168,18 @@ def domain_genes(
     if section_key is not None and adata.obs[section_key].isna().any():
         raise ValueError(f"adata.obs[{section_key!r}] (section_key=) has {int(adata.obs[section_key].isna().sum())} "
                          "missing values; every spot needs its section.")
-    if is_spatialdata(data):  # spot centres from the shapes the table annotates
-        xy = resolve(data, table_key=table_key, library_key=library_key, need_image=False).coords()
+    lib_col = adata.obs[library_key].astype(str).to_numpy() if library_key is not None else None
+    if is_spatialdata(data):  # spot centres from the shapes the table annotates (every region of it)
+        from ._domains import _resolve_sections
+
+        spots = _resolve_sections(data, library_key, table_key, None)
+        xy = spots.coords()
+        if lib_col is None and len(spots.slides) > 1:  # the spatial graph never links regions
+            lib_col = spots.library_labels().astype(str)
     else:
         xy = check_spatial(adata)
     x = counts_matrix(adata, layer)
     label_str = labels.astype(str).to_numpy()
-    lib_col = adata.obs[library_key].astype(str).to_numpy() if library_key is not None else None
     opts = {"method": method, "n_genes": n_genes, "n_neighbors": n_neighbors, "min_morans_i": min_morans_i,
             "max_pval_adj": max_pval_adj}
     with timed("domain_genes"):

@@ -184,8 +184,9 @@ def domains(
     components, clustered (Gaussian mixture: pure Python, no R; leiden with a resolution search that reaches
     ``n_domains``; or k-means), then optionally refined by a majority vote over each spot's neighbours.
 
-    **Several sections** (an AnnData with ``library_key``, or a list of AnnData/SpatialData objects, one per
-    section) are clustered together, so a domain label means the same tissue on every
+    **Several sections** (an AnnData with ``library_key``, a SpatialData whose table annotates several regions, or a
+    list of AnnData/SpatialData objects, one per section) are clustered together, so a domain label means the same
+    tissue on every
     section. Spatial graphs never link sections; genes are ranked by Moran's I averaged over sections; and with
     ``batch_correction="center"`` each section's mean is subtracted from the representation first (the expression
     of the selected genes, or ``obsm[use_rep]``), which removes a shift shared by a whole section (sequencing depth,
@@ -278,8 +279,7 @@ def domains(
         raise ValueError(f"method must be 'gmm', 'leiden' or 'kmeans', got {method!r}.")
     grid = n_neighbors is not None
     n_neighbors = 6 if n_neighbors is None else int(n_neighbors)
-    all_spots = [resolve(d, library_key=library_key, table_key=table_key, spot_diameter_um=spot_diameter_um,
-                         need_image=False) for d in items]
+    all_spots = [_resolve_sections(d, library_key, table_key, spot_diameter_um) for d in items]
     tables = [s.adata for s in all_spots]
     for i, adata in enumerate(tables):
         where = f"the table of data[{i}]" if is_list else "adata"
@@ -355,6 +355,22 @@ def domains(
     if copy:
         return targets if is_list else targets[0]
     return None
+
+
+def _resolve_sections(data, library_key: str | None, table_key: str, spot_diameter_um: float | None):
+    """The table and its sections: the libraries of an AnnData, or every region of a SpatialData table."""
+    from .._utils import get_table, is_spatialdata
+    from ..io._slide import SpotData
+
+    if is_spatialdata(data):
+        from ..pl._utils import _region_key, _spatialdata_region_panels
+
+        table = get_table(data, table_key)
+        if _region_key(table) is not None:  # one table over several regions: each region is a section
+            panels = _spatialdata_region_panels(data, table, None, spot_diameter_um, table_key, None)
+            return SpotData(table, [p.slide for p in panels], None, source="spatialdata")
+    return resolve(data, library_key=library_key, table_key=table_key, spot_diameter_um=spot_diameter_um,
+                   need_image=False)
 
 
 def _pooled_counts(tables: list, layer: str | None, is_list: bool):

@@ -51,7 +51,7 @@ def backend_for(device: torch.device) -> str:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` for CUDA, the device itself otherwise."""
+    """The device of this process: ``cuda:LOCAL_RANK`` for CUDA, the device itself otherwise."""
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -139,7 +139,8 @@ def fit_spawned(module: torch.nn.Module, dataset, *, devices: int, device: torch
     for r, st in enumerate(states[1:], start=1):
         diff = [k for k in st if not torch.equal(st[k], states[0][k])]
         if diff:
-            raise RuntimeError(f"Rank {r} ended with weights different from rank 0 ({len(diff)} tensors, e.g. {diff[:3]}).")
+            raise RuntimeError(
+                f"Rank {r} ended with weights different from rank 0 ({len(diff)} tensors, e.g. {diff[:3]}).")
     module.load_state_dict(states[0])
     module.to(device).eval()
     head = records[0]
