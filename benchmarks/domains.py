@@ -225,7 +225,7 @@ def main() -> None:
              "and "
              f"sd over seeds (main table: seeds {args.seeds}; ablations: seeds {args.ablation_seeds}). Every row uses "
              "the package defaults (30 epochs for a Visium slide, 16 px patches of the lowres image, GMM with tied "
-             "covariance, 20 restarts); wall time = train + embed + domains per slide and seed on the 2-core CPU, "
+             "covariance, 50 restarts); wall time = train + embed + domains per slide and seed on the 2-core CPU, "
              f"shared with other jobs (1-min load average {load[0]:.1f} at the start; per-record loads in the JSON). "
              "Produced by `benchmarks/domains.py`.", ""]
     if args.pooled:
