@@ -167,3 +167,16 @@ def test_default_patch_px_follows_the_image_resolution(toy, size_um):
     assert px == int(np.clip(8 * np.ceil(side / 8), 16, 32))
     assert model._sections[0].reader(0).shape == (px, px, 3)
     assert HistoCLIP(a, n_genes=20, patch_px=8).init_params["patch_px"] == 8  # an explicit value wins
+
+
+def test_progress_bar_without_ipywidgets_is_the_text_bar(monkeypatch):
+    """tqdm.auto would warn 'IProgress not found' into a notebook without ipywidgets; the text bar is used instead."""
+    import importlib.util
+
+    from histoclip.train._loop import _progress_bar_class
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real(name, *a))
+    assert _progress_bar_class().__module__ == "tqdm.std"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ipywidgets" else None)
+    assert _progress_bar_class().__module__ != "tqdm.std"  # the notebook bar where widgets can draw it

@@ -127,8 +127,23 @@ def import_lazy_modules() -> None:
         p.sum().backward()
         opt.step()
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1)
-        import tqdm.auto  # noqa: F401 (imported lazily below)
+        _progress_bar_class()
     _LAZY_IMPORTED = True
+
+
+def _progress_bar_class():
+    """The progress bar: tqdm's notebook bar where ipywidgets can draw it, the text bar otherwise.
+
+    ``tqdm.auto`` in a Jupyter kernel without ipywidgets warns ("IProgress not found") into the notebook's output
+    and falls back to the text bar anyway; this picks the text bar without the warning.
+    """
+    from importlib.util import find_spec
+
+    if find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm
 
 
 @dataclass
@@ -254,8 +269,7 @@ def _fit(
     best_state = copy.deepcopy(module.state_dict())
     completed = 0
     interrupted = False
-    from tqdm.auto import tqdm
-
+    tqdm = _progress_bar_class()
     where = f"{n_threads} CPU thread{'s' if n_threads > 1 else ''}" if device.type == "cpu" else device.type
     bar = tqdm(range(start_epoch, total), desc=f"histoclip training ({where})", unit="epoch",
                disable=not settings.progress or rank != 0, leave=True)
