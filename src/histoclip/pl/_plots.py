@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -208,8 +209,10 @@ def embedding(
         raise KeyError(f"adata.obs[{color!r}] not found; columns: {list(adata.obs.columns)}.")
     tmp = ad.AnnData(np.zeros((adata.n_obs, 1), dtype=np.float32), obs=adata.obs[[color]].copy())
     tmp.obsm["X"] = np.asarray(adata.obsm[use_rep])
-    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=n_neighbors, random_state=rng)
-    sc.tl.umap(tmp, random_state=rng)
+    with warnings.catch_warnings():  # umap and pynndescent import tqdm.auto, which warns in a notebook without
+        warnings.filterwarnings("ignore", message="IProgress not found")  # ipywidgets; nothing is wrong
+        sc.pp.neighbors(tmp, use_rep="X", n_neighbors=n_neighbors, random_state=rng)
+        sc.tl.umap(tmp, random_state=rng)
     xy = tmp.obsm["X_umap"]
     series = adata.obs[color]
     cats = categories_of(series)
