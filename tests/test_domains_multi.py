@@ -131,6 +131,10 @@ def test_spatialdata_table_over_several_regions():
     # the two regions are copies of one slide: the same spot gets the same domain on both
     first, second = (table.obs["region"].astype(str) == r for r in regions)
     assert (labels[first].to_numpy() == labels[second].to_numpy()).mean() > 0.95
+    # domains need no image: the same labels without any
+    bare = type(sdata)(shapes=dict(sdata.shapes), tables={"table": table.copy()})
+    hc.tl.domains(bare, n_domains=3, rng=0, n_genes=50)
+    assert (bare.tables["table"].obs["histoclip_domain"].to_numpy() == labels.to_numpy()).all()
     # and the domain genes of such a table, per region
     hc.tl.domain_genes(sdata, section_key="region", n_genes=5)
     genes = table.uns["histoclip_domain_genes"]

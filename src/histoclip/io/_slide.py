@@ -19,6 +19,8 @@ from .._settings import logger
 from ._image import ImageSource, MultiscaleImageSource, open_image
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from spatialdata import SpatialData
 
 DEFAULT_SPOT_DIAMETER_UM = Key.SPOT_DIAMETER_UM["visium"]
@@ -523,6 +525,52 @@ def _resolve_spatialdata(
     keys = {"table_key": table_key, "image_key": image_key, "shapes_key": shapes_key,
             "coordinate_system": coordinate_system}
     return SpotData(table, [slide], None, "spatialdata", keys)
+
+
+def several_regions_key(table: AnnData) -> str | None:
+    """The region column of a SpatialData table that annotates several regions (a list of them), else ``None``."""
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region")
+    return None if region is None or isinstance(region, str) else attrs.get("region_key")
+
+
+def resolve_regions(
+    sdata: SpatialData,
+    table_key: str,
+    regions: Sequence[str],
+    *,
+    image_keys: Mapping[str, str] | None = None,
+    spot_diameter_um: float | None = None,
+) -> list[Slide]:
+    """One :class:`Slide` per region of a table that annotates several, each resolved on its own shapes.
+
+    ``image_keys`` names the image of a region (one sharing a coordinate system with its shapes); a region without
+    one is resolved without an image. Each slide's ``index`` holds rows of the whole table.
+    """
+    import anndata as ad
+    from spatialdata import SpatialData
+    from spatialdata.models import TableModel
+
+    table = sdata.tables[table_key]
+    attrs = table.uns["spatialdata_attrs"]
+    region_key, instance_key = attrs["region_key"], attrs["instance_key"]
+    region_of = table.obs[region_key].astype(str).to_numpy()
+    slides = []
+    for region in regions:
+        if region not in sdata.shapes:
+            raise KeyError(f"Shapes {region!r} (annotated by table {table_key!r}) not found; shapes: "
+                           f"{list(sdata.shapes.keys())}.")
+        rows = np.flatnonzero(region_of == region)
+        obs = pd.DataFrame({region_key: pd.Categorical([region] * len(rows)),
+                            instance_key: table.obs[instance_key].to_numpy()[rows]}, index=table.obs_names[rows])
+        sub = TableModel.parse(ad.AnnData(obs=obs), region=region, region_key=region_key, instance_key=instance_key)
+        key = (image_keys or {}).get(region)
+        one = SpatialData(images={} if key is None else {key: sdata.images[key]}, shapes={region: sdata.shapes[region]},
+                          tables={"table": sub})
+        s = _resolve_spatialdata(one, table_key="table", image_key=key, shapes_key=None, coordinate_system=None,
+                                 spot_diameter_um=spot_diameter_um, need_image=key is not None).slides[0]
+        slides.append(Slide(region, rows[s.index], s.coords, s.um_per_px, s.img_key, s.image))  # rows of the table
+    return slides
 
 
 def _check_invertible(a: np.ndarray, what: str, cs: str) -> None:

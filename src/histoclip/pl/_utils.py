@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 
-from ..io._slide import Slide, SpotData
+from ..io._slide import Slide, SpotData, resolve_regions, several_regions_key
 
 
 def plot_image_key(data, table_key: str, image_key: str | None) -> str | None:
@@ -100,12 +100,6 @@ class Panel:
     spot_diameter_um: float
 
 
-def _region_key(table) -> str | None:
-    attrs = table.uns.get("spatialdata_attrs", {})
-    region = attrs.get("region")
-    return None if region is None or isinstance(region, str) else attrs.get("region_key")
-
-
 def _as_ids(library_id) -> list[str] | None:
     if library_id is None:
         return None
@@ -151,7 +145,7 @@ def resolve_panels(
     ids = _as_ids(library_id)
     if is_spatialdata(data):
         table = get_table(data, table_key)
-        if _region_key(table) is not None:
+        if several_regions_key(table) is not None:
             return table, _spatialdata_region_panels(data, table, ids, spot_diameter_um, table_key, image_key)
         if isinstance(image_key, Mapping):
             raise TypeError("image_key may be a mapping {region: image} only when the table annotates several regions.")
@@ -185,18 +179,12 @@ def resolve_panels(
 
 def _spatialdata_region_panels(sdata, table, ids, spot_diameter_um, table_key, image_key) -> list[Panel]:
     """One panel per region of a table that annotates several: each resolved on its own shapes and image."""
-    import anndata as ad
-    from spatialdata import SpatialData
-    from spatialdata.models import TableModel
     from spatialdata.transformations import get_transformation
 
-    from ..io._slide import resolve
     from ..pp._patches import _spot_um
 
-    attrs = table.uns["spatialdata_attrs"]
-    region_key, instance_key = attrs["region_key"], attrs["instance_key"]
-    region_of = table.obs[region_key].astype(str).to_numpy()
-    regions = [str(r) for r in pd.unique(region_of)]
+    region_key = several_regions_key(table)
+    regions = [str(r) for r in pd.unique(table.obs[region_key].astype(str))]
     chosen = _pick_ids(ids, regions, f"table {table_key!r} (column {region_key!r})")
     if isinstance(image_key, Mapping):
         unknown = sorted(set(image_key) - set(regions))
@@ -209,13 +197,12 @@ def _spatialdata_region_panels(sdata, table, ids, spot_diameter_um, table_key, i
             "{region: image key}, or leave image_key out to draw each region over its own hires image."
         )
     recorded = plot_image_key(sdata, table_key, None)
-    panels = []
+    keys = {}
     for region in chosen:
         if region not in sdata.shapes:
             raise KeyError(f"Shapes {region!r} (annotated by table {table_key!r}) not found; shapes: "
                            f"{list(sdata.shapes.keys())}.")
-        shapes = sdata.shapes[region]
-        systems = set(get_transformation(shapes, get_all=True))
+        systems = set(get_transformation(sdata.shapes[region], get_all=True))
         images = {k: v for k, v in sdata.images.items() if systems & set(get_transformation(v, get_all=True))}
         key = image_key.get(region) if isinstance(image_key, Mapping) else image_key
         if key is None:
@@ -223,16 +210,10 @@ def _spatialdata_region_panels(sdata, table, ids, spot_diameter_um, table_key, i
         elif key not in images:
             raise KeyError(f"Image {key!r} shares no coordinate system with shapes {region!r}; images that do: "
                            f"{list(images)}.")
-        rows = np.flatnonzero(region_of == region)
-        obs = pd.DataFrame({region_key: pd.Categorical([region] * len(rows)),
-                            instance_key: table.obs[instance_key].to_numpy()[rows]}, index=table.obs_names[rows])
-        sub = TableModel.parse(ad.AnnData(obs=obs), region=region, region_key=region_key, instance_key=instance_key)
-        one = SpatialData(images={key: images[key]}, shapes={region: shapes}, tables={"table": sub})
-        spots = resolve(one, spot_diameter_um=spot_diameter_um, image_key=key)
-        s = spots.slides[0]
-        slide = Slide(region, rows[s.index], s.coords, s.um_per_px, s.img_key, s.image)  # rows of the full table
-        panels.append(Panel(slide, _spot_um(spots, spot_diameter_um)))
-    return panels
+        keys[region] = key
+    slides = resolve_regions(sdata, table_key, chosen, image_keys=keys, spot_diameter_um=spot_diameter_um)
+    spot_um = _spot_um(SpotData(table, slides, None, "spatialdata"), spot_diameter_um)
+    return [Panel(slide, spot_um) for slide in slides]
 
 
 def _region_image(region: str, images: dict, recorded: str | None) -> str:

@@ -360,29 +360,26 @@ def domains(
 def _resolve_sections(data, library_key: str | None, table_key: str, spot_diameter_um: float | None):
     """The table and its sections: the libraries of an AnnData, or every region of a SpatialData table."""
     from .._utils import get_table, is_spatialdata
-    from ..io._slide import SpotData
+    from ..io._slide import SpotData, resolve_regions, several_regions_key
 
     if is_spatialdata(data):
-        from ..pl._utils import _region_key, _spatialdata_region_panels
-
         table = get_table(data, table_key)
-        if _region_key(table) is not None:  # one table over several regions: each region is a section
-            panels = _spatialdata_region_panels(data, table, None, spot_diameter_um, table_key, None)
-            return SpotData(table, [p.slide for p in panels], None, source="spatialdata")
+        region_key = several_regions_key(table)
+        if region_key is not None:  # one table over several regions: each region is a section (no image needed)
+            regions = [str(r) for r in pd.unique(table.obs[region_key].astype(str))]
+            slides = resolve_regions(data, table_key, regions, spot_diameter_um=spot_diameter_um)
+            return SpotData(table, slides, None, source="spatialdata")
     return resolve(data, library_key=library_key, table_key=table_key, spot_diameter_um=spot_diameter_um,
                    need_image=False)
 
 
 def _pooled_counts(tables: list, layer: str | None, is_list: bool):
     """The counts of every table stacked (spots x genes common to all tables) and the genes' names."""
+    from ..io._slide import check_counts_table
     from ..pp._genes import counts_matrix
 
-    if layer is not None:
-        for i, t in enumerate(tables):
-            if layer not in t.layers:
-                where = f"the table of data[{i}]" if is_list else "adata"
-                raise KeyError(f"{where}.layers[{layer!r}] not found (layers: {list(t.layers.keys())}); pass the "
-                               "layer holding raw counts, or layer=None for X.")
+    for i, t in enumerate(tables):  # every table before any is read
+        check_counts_table(t, layer, f"the table of data[{i}]" if is_list else "adata")
     names = pd.Index(tables[0].var_names)
     for t in tables[1:]:
         names = names.intersection(t.var_names, sort=False)
@@ -396,5 +393,5 @@ def _pooled_counts(tables: list, layer: str | None, is_list: bool):
     for t in tables:
         x = counts_matrix(t, layer)
         idx = t.var_names.get_indexer(names)
-        mats.append(sp.csr_matrix(x)[:, idx] if len(tables) > 1 else x)
+        mats.append(x[:, idx] if len(tables) > 1 else x)  # counts_matrix gives CSR
     return (sp.vstack(mats, format="csr") if len(mats) > 1 else mats[0]), names
