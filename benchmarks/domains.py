@@ -99,8 +99,9 @@ def pooled(paths: list[str], label: str, n_domains: int | None, seeds: list[int]
     def score(variant, method, seed, tables, seconds, extra=None):
         truth = pd.concat([t.obs[label].astype(object) for t in tables])
         pred = pd.concat([t.obs["histoclip_domain"].astype(object) for t in tables])
+        scores = hc.metrics.domain_scores(truth, pred)
         r = {"table": "pooled", "variant": variant, "method": method, "seed": seed,
-             "ari": hc.metrics.domain_scores(truth, pred)["ari"], "nmi": hc.metrics.domain_scores(truth, pred)["nmi"],
+             "ari": scores["ari"], "nmi": scores["nmi"],
              "wall_s": round(seconds, 2), "loadavg_1min": round(os.getloadavg()[0], 2), **(extra or {})}
         for name, t in zip(names, tables, strict=True):
             r[f"ari_{name}"] = hc.metrics.domain_scores(t.obs[label], t.obs["histoclip_domain"])["ari"]
