@@ -18,6 +18,6 @@ for src in sys.argv[1:] or ["../shared/data/dlpfc/DLPFC_151673.h5ad"]:
     a.var = a.var[["gene_ids"]]
     a.obs = a.obs[["in_tissue", "array_row", "array_col", "layer"]].copy()
     a.obs["layer"] = a.obs["layer"].astype("category")
-    a.uns["spatial"][section]["metadata"]["spot_diameter_um"] = 55.0
+    a.uns["spatial"][section]["metadata"]["spot_diameter_um"] = 65.0  # Space Ranger: spot_diameter_fullres spans 65 um
     a.write_h5ad(f"src/histoclip/datasets/_data/dlpfc_{section}.h5ad", compression="gzip")
     print(a)

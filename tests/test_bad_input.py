@@ -326,7 +326,7 @@ def test_bad_scale_factor_or_spot_diameter(small, field, value):
 @pytest.mark.parametrize("value", [0, float("nan"), -55.0, "55"])
 def test_bad_spot_diameter_um(small, value):
     exc = TypeError if isinstance(value, str) else ValueError
-    rejects(small, exc, r"spot_diameter_um must be a positive.*55 for Visium", spot_diameter_um=value)
+    rejects(small, exc, r"spot_diameter_um must be a positive.*65 for Space Ranger", spot_diameter_um=value)
 
 
 def test_backed_anndata(small, tmp_path):

@@ -78,7 +78,7 @@ def test_patch_centred_sized_and_padded(h, w, um_per_px, side_frac, fx, fy, pad,
 def test_extract_patches_follows_scale_factors(scalef, spot_diameter_fullres, size_um, seed):
     rng = np.random.default_rng(seed)
     h, w = 120, 150  # image pixels
-    um_per_px = 55.0 / spot_diameter_fullres / scalef  # microns per pixel of the image
+    um_per_px = 65.0 / spot_diameter_fullres / scalef  # um per image pixel: spot_diameter_fullres spans 65 um
     assume(1.0 <= size_um / um_per_px <= max(h, w))
     xy_img = rng.uniform([0, 0], [w, h], size=(6, 2))
     adata = AnnData(obs=pd.DataFrame(index=[f"s{i}" for i in range(6)]))

@@ -76,7 +76,10 @@ def test_spatialdata_alignment_matches_anndata(toy, toy_sdata):
     spots = resolve(toy_sdata)
     (slide,) = spots.slides
     np.testing.assert_allclose(slide.coords, toy.obsm["spatial"] * 0.2, atol=1e-6)
-    assert slide.um_per_px == pytest.approx(5.0)
+    # a circle's diameter is read as Space Ranger's 65 um spot (SpatialData carries no spot_diameter_um metadata; the
+    # AnnData toy says its 55 px spots are 55 um)
+    assert slide.um_per_px == pytest.approx(65.0 / (55.0 * 0.2))
+    assert resolve(toy_sdata, spot_diameter_um=55).slides[0].um_per_px == pytest.approx(5.0)
     assert spots.adata is toy_sdata.tables["table"]
 
 
@@ -101,8 +104,8 @@ def test_spatialdata_io_visium_folder(visium_folder):
     # spot centres land where Space Ranger's scale factor puts them in the hires image
     scalef = json.loads((visium_folder / "spatial" / "scalefactors_json.json").read_text())["tissue_hires_scalef"]
     np.testing.assert_allclose(slide.coords, table.obsm["spatial"] * scalef, rtol=1e-4)
-    # and one spot diameter is 55 um
-    assert 55.0 / slide.um_per_px == pytest.approx(89.4275 * scalef, rel=1e-3)
+    # and one spot_diameter_fullres spans 65 um (Space Ranger's definition)
+    assert 65.0 / slide.um_per_px == pytest.approx(89.4275 * scalef, rel=1e-3)
     assert slide.image.channels == 4  # RGBA, converted to RGB when read
     assert slide.image.read(0, 0, 4, 4).shape == (4, 4, 3)
     hc.pp.extract_patches(sdata, image_key="toy_lowres_image")

@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     adata = hc.datasets.dlpfc()
     print(f"Loaded the bundled DLPFC slide 151673: {adata.n_obs} spots x {adata.n_vars} genes", flush=True)
     hc.pp.extract_patches(adata)
-    # the bundled image is Visium's lowres one (a 110 um patch is 9 px): the default patch_px picks 16
+    # the bundled image is Visium's lowres one (the default 130 um patch is 9 px): the default patch_px picks 16
     model = hc.tl.train(adata, max_epochs=args.epochs, rng=args.seed)
     hc.tl.embed(adata, model)
     # the learned joint embedding, clustered the same way, for comparison with the default

@@ -31,5 +31,7 @@ class Key:
     class layers:
         predicted = "histoclip_predicted"
 
-    #: diameter of a spot in microns, by technology
-    SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0, "visium_hd": 2.0}
+    #: microns spanned by ``scalefactors["spot_diameter_fullres"]``, by technology. Space Ranger defines it as "the
+    #: number of pixels that span the diameter of a theoretical 65 um spot" (Visium's spots are 55 um across, 100 um
+    #: apart): with 55, DLPFC's spots came out 78 um apart instead of 100, and every micron setting was 28% off
+    SPOT_DIAMETER_UM = {"visium": 65.0, "st": 100.0, "visium_hd": 2.0}

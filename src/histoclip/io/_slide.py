@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 DEFAULT_SPOT_DIAMETER_UM = Key.SPOT_DIAMETER_UM["visium"]
+_SPOT_VALUES = "65 for Space Ranger output (Visium), 100 for legacy ST"
+_SPOT_FIX = f"Pass the spot diameter in microns: {_SPOT_VALUES}."
 
 
 @dataclass
@@ -274,10 +276,10 @@ def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float |
     if spot_diameter_um is None:
         spot_diameter_um = positive_number(meta.get("spot_diameter_um", DEFAULT_SPOT_DIAMETER_UM),
                                            f"{where}['metadata']['spot_diameter_um']",
-                                           "Fix it, or pass spot_diameter_um=... (55 for Visium, 100 for legacy ST).")
+                                           f"Fix it, or pass spot_diameter_um=... ({_SPOT_VALUES}).")
     else:
         spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um",
-                                           "Pass the spot diameter in microns: 55 for Visium, 100 for legacy ST.")
+                                           _SPOT_FIX)
     fullres = positive_number(scalefactors["spot_diameter_fullres"],
                               f"{where}['scalefactors']['spot_diameter_fullres']",
                               "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
@@ -510,7 +512,7 @@ def _resolve_spatialdata(
     if spot_diameter_um is None:
         spot_diameter_um = DEFAULT_SPOT_DIAMETER_UM
     spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um",
-                                       "Pass the spot diameter in microns: 55 for Visium, 100 for legacy ST.")
+                                       _SPOT_FIX)
     um_per_px = float(spot_diameter_um) / diameter_px
     image = None
     if need_image and levels:

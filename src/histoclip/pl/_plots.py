@@ -70,7 +70,7 @@ def domains(
     img_key
         Image to draw under the spots (default ``"hires"``, else ``"lowres"``).
     spot_diameter_um
-        Physical spot diameter (default as in :func:`histoclip.pp.extract_patches`).
+        Spot diameter in microns, as in :func:`histoclip.pp.extract_patches`.
     table_key, image_key
         SpatialData only: the table, and the image drawn under the spots (default: the one the patches were cut
         from, else the only one, or the one ending in ``hires_image``). When the table annotates several regions,

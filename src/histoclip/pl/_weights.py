@@ -55,7 +55,7 @@ def image_weight(
     img_key
         Image to draw under the spots (default ``"hires"``, else ``"lowres"``).
     spot_diameter_um
-        Physical spot diameter (default as in :func:`histoclip.pp.extract_patches`).
+        Spot diameter in microns, as in :func:`histoclip.pp.extract_patches`.
     table_key, image_key
         SpatialData only (as in :func:`histoclip.pl.domains`).
     cmap, alpha

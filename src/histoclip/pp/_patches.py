@@ -104,7 +104,7 @@ def extract_patches(
         AnnData in the scanpy/squidpy layout (``obsm["spatial"]``, ``uns["spatial"]``) or a SpatialData object
         (from ``spatialdata_io.visium``); with SpatialData, results go to the table ``table_key``.
     size_um
-        Side of the square patch in microns. Default: two spot diameters (110 um for Visium).
+        Side of the square patch in microns. Default: two spot diameters (130 um for Visium: see ``spot_diameter_um``).
     img_key
         AnnData only: which image in ``uns["spatial"][library_id]["images"]`` to cut from (``"hires"``,
         ``"lowres"``), or ``"fullres"`` for the file set with :func:`histoclip.io.set_fullres_image`.
@@ -114,9 +114,11 @@ def extract_patches(
     library_key
         AnnData only: column of ``obs`` naming each spot's library, for AnnData objects holding several slides.
     spot_diameter_um
-        Physical spot diameter, used with ``scalefactors["spot_diameter_fullres"]`` to convert microns to pixels.
+        Microns spanned by ``scalefactors["spot_diameter_fullres"]``, used with it to convert microns to pixels.
         Default: ``scalefactors["microns_per_pixel"]`` when present (Visium HD), else
-        ``uns["spatial"][library_id]["metadata"]["spot_diameter_um"]``, else 55 (Visium). Use 100 for legacy ST.
+        ``uns["spatial"][library_id]["metadata"]["spot_diameter_um"]``, else 65: Space Ranger's definition of
+        ``spot_diameter_fullres`` (a theoretical 65 um spot; Visium's spots are 55 um wide and 100 um apart). Use 100
+        for legacy ST.
     table_key, image_key, shapes_key, coordinate_system
         SpatialData only: the table, the image (default: the only one, or the one ending in ``hires_image``),
         the spot circles (default: the element the table annotates) and the coordinate system used to align them.
