@@ -113,11 +113,11 @@ def pooled(paths: list[str], label: str, n_domains: int | None, seeds: list[int]
         for seed in seeds:
             t = time.perf_counter()
             for tab in tables:
-                hc.tl.domains(tab, n_domains=k, rng=seed)
+                hc.tl.domains(tab, n_domains=k, rng=seed, use_rep="expression_pca")
             score(variant, "model-free, each slide alone", seed, tables, time.perf_counter() - t)
             for bc in ("center", None):
                 t = time.perf_counter()
-                hc.tl.domains(tables, n_domains=k, rng=seed, batch_correction=bc)
+                hc.tl.domains(tables, n_domains=k, rng=seed, use_rep="expression_pca", batch_correction=bc)
                 score(variant, f"model-free, pooled, batch_correction={bc!r}", seed, tables, time.perf_counter() - t)
         if variant not in ("as they are", f"{last} shifted"):
             continue
@@ -184,7 +184,7 @@ def main() -> None:
                 hc.tl.embed(a, model)
                 t_model = time.perf_counter() - t
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", rng=seed)  # same smoothing as the default
+                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", rng=seed)  # not smoothed again (n_hops=None)
                 t_dom = time.perf_counter() - t
                 if name != "histoclip (defaults)":
                     rec("ablation", name, seed, a.obs["histoclip_domain"], t_model + t_dom)
@@ -200,21 +200,26 @@ def main() -> None:
                     rec("main", f"tl.domains on {rep} ({label})", seed, a.obs["histoclip_domain"],
                         t_model + time.perf_counter() - t)
                 t = time.perf_counter()
+                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", n_hops=2, rng=seed)
+                rec("main", "joint X_histoclip smoothed again (2 hops within 150 um, as before n_hops=None)", seed,
+                    a.obs["histoclip_domain"], t_model + t_dom + time.perf_counter() - t)
+                t = time.perf_counter()
                 hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", method="leiden", radius_um=0, n_pcs=None,
                               rng=seed)
                 rec("main", "scanpy workflow: neighbors(use_rep='X_histoclip') + leiden, no smoothing", seed,
                     a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
                 a.obsm["X_untrained"] = untrained_inputs(a, model)
-                hc.tl.domains(a, n_domains=k, use_rep="X_untrained", rng=seed)
-                rec("main", "untrained: the model's inputs scaled and concatenated, same clustering", seed,
-                    a.obs["histoclip_domain"], time.perf_counter() - t)
+                for hops, how in ((0, "same clustering as the joint (no smoothing)"), (2, "smoothed, 2 hops")):
+                    hc.tl.domains(a, n_domains=k, use_rep="X_untrained", n_hops=hops, rng=seed)
+                    rec("main", f"untrained: the model's inputs scaled and concatenated, {how}", seed,
+                        a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
                 hc.tl.domains(a, n_domains=k, rng=seed)
                 rec("main", "tl.domains default: model-free Moran-gene expression PCA (no model)", seed,
                     a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, n_hops=2, n_neighbors=6, rng=seed)
+                hc.tl.domains(a, n_domains=k, use_rep="expression_pca", n_hops=2, n_neighbors=6, rng=seed)
                 rec("main", "model-free, earlier grid smoothing: 2 hops of 6-NN", seed, a.obs["histoclip_domain"],
                     time.perf_counter() - t)
     out = Path(args.out)

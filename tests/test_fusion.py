@@ -75,23 +75,46 @@ def test_fusion_weights_written_and_drawn(fused, tmp_path):
 def test_domains_smooth_within_a_physical_radius(fused):
     _, adata = fused
     a = adata.copy()
-    hc.tl.domains(a, n_domains=3, use_rep="X_histoclip", rng=0)
+    hc.tl.domains(a, n_domains=3, use_rep="X_histoclip", n_hops=2, rng=0)
     params = a.uns["histoclip"]["params"]["domains"]
     assert params["use_rep"] == "X_histoclip" and params["radius_um"] == 150.0 and params["n_hops"] == 2
     # the toy grid is 100 um apart (Visium-like): a 150 um radius is the first ring, the 6-NN grid of earlier versions
     b = adata.copy()
-    hc.tl.domains(b, n_domains=3, use_rep="X_histoclip", n_neighbors=6, rng=0)
+    hc.tl.domains(b, n_domains=3, use_rep="X_histoclip", n_hops=2, n_neighbors=6, rng=0)
     assert hc.metrics.adjusted_rand(a.obs["histoclip_domain"], b.obs["histoclip_domain"]) > 0.9
     # a radius below the spacing means no neighbour: the same as no smoothing
     c, d = adata.copy(), adata.copy()
-    hc.tl.domains(c, n_domains=3, use_rep="X_histoclip", radius_um=50, rng=0)
-    hc.tl.domains(d, n_domains=3, use_rep="X_histoclip", radius_um=None, rng=0)
+    hc.tl.domains(c, n_domains=3, use_rep="X_histoclip", n_hops=2, radius_um=50, rng=0)
+    hc.tl.domains(d, n_domains=3, use_rep="X_histoclip", n_hops=2, radius_um=None, rng=0)
     assert (c.obs["histoclip_domain"] == d.obs["histoclip_domain"]).all()
-    e = adata.copy()
-    hc.tl.domains(e, n_domains=3, rng=0)
-    assert e.uns["histoclip"]["params"]["domains"]["use_rep"] == "expression_pca"  # the default needs no model
     with pytest.raises(ValueError, match="radius_um"):
         hc.tl.domains(adata.copy(), n_domains=3, radius_um=-1)
+
+
+def test_domains_do_not_smooth_the_model_embedding_again(fused):
+    _, adata = fused
+    a, b = adata.copy(), adata.copy()
+    hc.tl.domains(a, n_domains=3, use_rep="X_histoclip", rng=0)
+    # the embedding already averages each spot's neighbourhood inside the model: no second smoothing
+    assert a.uns["histoclip"]["params"]["domains"]["n_hops"] == 0
+    hc.tl.domains(b, n_domains=3, use_rep="X_histoclip", radius_um=None, rng=0)
+    assert (a.obs["histoclip_domain"] == b.obs["histoclip_domain"]).all()
+    hc.tl.domains(b, n_domains=3, use_rep="X_histoclip_expression", rng=0)
+    assert b.uns["histoclip"]["params"]["domains"]["n_hops"] == 0
+    hc.tl.domains(b, n_domains=3, use_rep="X_histoclip_image", rng=0)  # the image latent has no neighbourhood
+    assert b.uns["histoclip"]["params"]["domains"]["n_hops"] == 2
+    hc.tl.domains(b, n_domains=3, rng=0)  # the default needs no model, even where one was embedded
+    p = b.uns["histoclip"]["params"]["domains"]
+    assert p["use_rep"] == "expression_pca" and p["n_hops"] == 2
+    # a copy of the embedding under another name is not known to carry context: smoothed like any representation
+    b.obsm["X_other"] = b.obsm["X_histoclip"].copy()
+    hc.tl.domains(b, n_domains=3, use_rep="X_other", rng=0)
+    assert b.uns["histoclip"]["params"]["domains"]["n_hops"] == 2
+    # a model trained without spatial context: its embedding is smoothed like any other
+    c = adata.copy()
+    c.uns["histoclip"]["params"]["embed"]["spatial_context"] = False
+    hc.tl.domains(c, n_domains=3, use_rep="X_histoclip", rng=0)
+    assert c.uns["histoclip"]["params"]["domains"]["n_hops"] == 2
 
 
 def test_ablation_switches():

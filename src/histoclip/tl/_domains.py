@@ -157,7 +157,7 @@ def domains(
     n_genes: int = 2000,
     layer: str | None = None,
     radius_um: float | None = 150.0,
-    n_hops: int = 2,
+    n_hops: int | None = None,
     n_neighbors: int | None = None,
     n_pcs: int | None = 10,
     spot_diameter_um: float | None = None,
@@ -176,13 +176,15 @@ def domains(
     The representation: ``obsm[use_rep]``, e.g. histoclip's joint embedding ``"X_histoclip"``; by default
     (``use_rep=None``) the PCA (``n_pcs`` components) of the log-normalised expression of the ``n_genes`` genes with
     the highest Moran's I, which needs no model and is, on the labelled slides measured so far, as accurate as the
-    joint embedding or more (``benchmarks/domains.py``; the docs' benchmarks page). Which one was used is recorded in
-    ``uns["histoclip"]["params"]["domains"]["use_rep"]``.
+    joint embedding (``benchmarks/domains.py``; the docs' benchmarks page) and does not depend on the seed. Which one
+    was used is recorded in ``uns["histoclip"]["params"]["domains"]["use_rep"]``.
 
     Steps: the representation is averaged ``n_hops`` times over each spot's neighbours within ``radius_um`` microns
     (or its ``n_neighbors`` nearest spots; a sparse graph within each library), reduced to ``n_pcs`` principal
     components, clustered (Gaussian mixture: pure Python, no R; leiden with a resolution search that reaches
-    ``n_domains``; or k-means), then optionally refined by a majority vote over each spot's neighbours.
+    ``n_domains``; or k-means), then optionally refined by a majority vote over each spot's neighbours. histoclip's
+    joint and expression embeddings already carry each spot's neighbourhood (the model's ``context_um``), so by
+    default they are not smoothed again; the expression PCA and other representations are (2 hops).
 
     **Several sections** (an AnnData with ``library_key``, a SpatialData whose table annotates several regions, or a
     list of AnnData/SpatialData objects, one per section) are clustered together, so a domain label means the same
@@ -214,16 +216,17 @@ def domains(
         6 nearest spots, and no neighbour on legacy ST (200 um spacing), whose spots are far enough apart that
         averaging them blurs domains; microns come from the scale factors' spot diameter. ``None`` or 0: no smoothing.
     n_hops
-        Rounds of neighbour averaging before clustering (0: none).
+        Rounds of neighbour averaging before clustering (0: none). ``None``: 0 for histoclip's joint or expression
+        embedding of a model trained with spatial context (the embedding already averages the neighbourhood), else 2.
     n_neighbors
         Use the ``n_neighbors`` nearest spots instead of ``radius_um`` (grid-counted, the setting of earlier
         versions). The refinement uses the 6 nearest spots unless this is given.
     n_pcs
         Principal components kept after smoothing (``None``: no PCA).
     spot_diameter_um
-        Physical spot diameter, which sets the microns of ``radius_um`` (default: the one
-        :func:`histoclip.pp.extract_patches` recorded, else ``uns["spatial"][library_id]["metadata"]
-        ["spot_diameter_um"]``, else 55, Visium; use 100 for legacy ST).
+        Microns spanned by ``scalefactors["spot_diameter_fullres"]``, which sets the microns of ``radius_um``
+        (default: the scale :func:`histoclip.pp.extract_patches` recorded, else ``uns["spatial"][library_id]
+        ["metadata"]["spot_diameter_um"]``, else 65, Space Ranger's definition; use 100 for legacy ST).
     refine
         Majority vote of each spot with its spatial neighbours after clustering.
     covariance_type
@@ -269,8 +272,9 @@ def domains(
         use_rep = None
     if radius_um is not None and (isinstance(radius_um, str) or not np.isfinite(radius_um) or radius_um < 0):
         raise ValueError(f"radius_um must be a non-negative number of microns (or None), got {radius_um!r}.")
-    if not isinstance(n_hops, int | np.integer) or n_hops < 0:
-        raise ValueError(f"n_hops must be a non-negative integer, got {n_hops!r}.")
+    if n_hops is not None and (isinstance(n_hops, bool) or not isinstance(n_hops, int | np.integer) or n_hops < 0):
+        raise ValueError(f"n_hops must be a non-negative integer or None (chosen for the representation), got "
+                         f"{n_hops!r}.")
     if batch_correction not in ("center", None):
         raise ValueError(f"batch_correction must be 'center' or None, got {batch_correction!r}.")
     if not isinstance(n_domains, int | np.integer) or n_domains < 2:
@@ -281,6 +285,8 @@ def domains(
     n_neighbors = 6 if n_neighbors is None else int(n_neighbors)
     all_spots = [_resolve_sections(d, library_key, table_key, spot_diameter_um) for d in items]
     tables = [s.adata for s in all_spots]
+    if n_hops is None:
+        n_hops = 0 if use_rep is not None and all(_has_context(t, use_rep) for t in tables) else 2
     for i, adata in enumerate(tables):
         where = f"the table of data[{i}]" if is_list else "adata"
         if use_rep is not None and use_rep not in adata.obsm:
@@ -355,6 +361,18 @@ def domains(
     if copy:
         return targets if is_list else targets[0]
     return None
+
+
+def _has_context(adata: AnnData, use_rep: str) -> bool:
+    """Whether ``obsm[use_rep]`` is a histoclip joint or expression embedding of a model with spatial context.
+
+    Such an embedding already averages each spot's neighbourhood (the model's ``context_um``) and was trained to agree
+    with its neighbours', so smoothing it again blurs thin domains (DLPFC 151673 / 151674, seeds 0-4: ARI 0.587 / 0.598
+    without, 0.583 / 0.572 with two hops).
+    """
+    rec = adata.uns.get(Key.uns.histoclip, {}).get("params", {}).get("embed", {})
+    key = rec.get("key_added")
+    return bool(rec.get("spatial_context", False)) and key is not None and use_rep in (key, f"{key}_expression")
 
 
 def _resolve_sections(data, library_key: str | None, table_key: str, spot_diameter_um: float | None):
