@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -89,6 +90,27 @@ def test_domains_smooth_within_a_physical_radius(fused):
     assert (c.obs["histoclip_domain"] == d.obs["histoclip_domain"]).all()
     with pytest.raises(ValueError, match="radius_um"):
         hc.tl.domains(adata.copy(), n_domains=3, radius_um=-1)
+
+
+def test_refinement_votes_over_the_same_physical_neighbours():
+    adata = hc.datasets.toy(rng=0)  # spots 100 um apart
+    truth = adata.obs["domain"].astype(str).to_numpy()
+    codes = pd.factorize(truth)[0]
+    x = np.eye(codes.max() + 1, dtype=np.float32)[codes] * 10
+    inside = np.flatnonzero(codes == 0)[len(np.flatnonzero(codes == 0)) // 2]
+    x[inside] = np.roll(x[inside], 1)  # one spot planted with another domain's profile
+    adata.obsm["X_rep"] = x + np.random.default_rng(0).normal(0, 0.01, x.shape).astype(np.float32)
+    k = int(codes.max() + 1)
+    out = {}
+    for radius, refine in ((150, False), (150, True), (50, True)):
+        a = adata.copy()
+        hc.tl.domains(a, n_domains=k, use_rep="X_rep", n_hops=0, n_pcs=None, radius_um=radius, refine=refine, rng=0)
+        out[radius, refine] = a.obs["histoclip_domain"].to_numpy()
+    lone = out[150, False]
+    assert (lone == lone[inside]).sum() > 1 and lone[inside] != pd.Series(lone[codes == 0]).mode()[0]
+    # the first ring (150 um) outvotes the planted spot; at 50 um it has no neighbour, so nothing changes
+    assert out[150, True][inside] == pd.Series(out[150, True][codes == 0]).mode()[0]
+    assert (out[50, True] == lone).all()
 
 
 def test_domains_do_not_smooth_the_model_embedding_again(fused):

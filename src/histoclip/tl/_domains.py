@@ -214,13 +214,14 @@ def domains(
         Neighbourhood of the smoothing, in microns: every spot within this distance (at most 24, the nearest) counts
         as a neighbour. 150 um takes the first ring of Visium's hexagon (100 um spacing), the same neighbours as
         6 nearest spots, and no neighbour on legacy ST (200 um spacing), whose spots are far enough apart that
-        averaging them blurs domains; microns come from the scale factors' spot diameter. ``None`` or 0: no smoothing.
+        averaging them blurs domains; microns come from the scale factors (see ``spot_diameter_um``). ``None`` or 0:
+        no smoothing.
     n_hops
         Rounds of neighbour averaging before clustering (0: none). ``None``: 0 for histoclip's joint or expression
         embedding of a model trained with spatial context (the embedding already averages the neighbourhood), else 2.
     n_neighbors
         Use the ``n_neighbors`` nearest spots instead of ``radius_um`` (grid-counted, the setting of earlier
-        versions). The refinement uses the 6 nearest spots unless this is given.
+        versions).
     n_pcs
         Principal components kept after smoothing (``None``: no PCA).
     spot_diameter_um
@@ -228,7 +229,9 @@ def domains(
         (default: the scale :func:`histoclip.pp.extract_patches` recorded, else ``uns["spatial"][library_id]
         ["metadata"]["spot_diameter_um"]``, else 65, Space Ranger's definition; use 100 for legacy ST).
     refine
-        Majority vote of each spot with its spatial neighbours after clustering.
+        Majority vote of each spot with its spatial neighbours after clustering: the spots within ``radius_um``
+        (none on legacy ST at 150 um, so nothing changes there), the ``n_neighbors`` nearest when given, and the 6
+        nearest when ``radius_um`` is ``None`` or 0.
     covariance_type
         Gaussian mixture covariance; ``"tied"`` (one covariance shared by all domains) is mclust's EEE model, the
         one GraphST and STAGATE use through R.
@@ -324,12 +327,12 @@ def domains(
         if center:
             x = center_by_group(x, groups)
     with timed("domains"):
-        graph = knn_graph(coords, n_neighbors, groups)
-        if grid and n_hops > 0:
+        if grid or not radius_um:
+            graph = knn_graph(coords, n_neighbors, groups)
+        else:  # the same neighbours in microns for the smoothing and the refinement
+            graph = radius_graph(np.concatenate([spot_coords_um(s) for s in all_spots]), float(radius_um), groups)
+        if n_hops > 0 and (grid or radius_um):
             x = smooth_features(x, graph, n_hops)
-        elif not grid and radius_um and n_hops > 0:
-            coords_um = np.concatenate([spot_coords_um(s) for s in all_spots])
-            x = smooth_features(x, radius_graph(coords_um, float(radius_um), groups), n_hops)
         if use_rep is not None and n_pcs is not None and x.shape[1] > n_pcs:
             from sklearn.decomposition import PCA
 
@@ -338,8 +341,7 @@ def domains(
         if refine:
             labels = refine_labels(labels, graph)
         cats = _relabel(labels)
-    # with radius_um the 6-NN graph serves the refinement only; n_neighbors is recorded only when given, so a rerun
-    # from the record takes the same path
+    # n_neighbors is recorded only when given, so a rerun from the record takes the same path
     smoothing = {"n_hops": n_hops, "n_neighbors": n_neighbors} if grid else {"n_hops": n_hops,
                                                                             "radius_um": radius_um or 0.0}
     params = {"n_domains": int(n_domains), "method": method, "use_rep": use_rep or "expression_pca", **smoothing,
