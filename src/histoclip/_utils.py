@@ -160,3 +160,12 @@ def get_table(data: Any, table_key: str = "table") -> AnnData:
 def is_spatialdata(data: Any) -> bool:
     """Whether ``data`` is a SpatialData object (checked without importing spatialdata)."""
     return type(data).__name__ == "SpatialData" and hasattr(data, "tables")
+
+
+def categories_of(series) -> list[str]:
+    """The labels of an ``obs`` column as strings: its categories in their order, else its sorted unique values."""
+    import pandas as pd
+
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        return [str(c) for c in series.cat.categories]
+    return sorted({str(v) for v in series.dropna()})

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 
+from .._utils import categories_of  # noqa: F401 (the pl modules take it from here)
 from ..io._slide import Slide, SpotData, resolve_regions, several_regions_key
 
 
@@ -83,12 +84,6 @@ def draw_slide(
     ax.set_xticks([])
     ax.set_yticks([])
     return mappable
-
-
-def categories_of(series: pd.Series) -> list[str]:
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        return [str(c) for c in series.cat.categories]
-    return sorted({str(v) for v in series.dropna()})
 
 
 # ------------------------------------------------------------------------------------------ several sections

@@ -6,28 +6,23 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Key
-from .._utils import get_table, is_spatialdata, write_results
+from .._utils import categories_of, get_table, is_spatialdata, write_results
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
 
-def _categories(series: pd.Series) -> list[str]:
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        return [str(c) for c in series.cat.categories]
-    return sorted({str(v) for v in series.dropna()})
-
-
-def section_labels(data, adata: AnnData, library_key: str | None, table_key: str, what: str) -> tuple[str, np.ndarray]:
+def section_labels(data, adata: AnnData, library_key: str | None, what: str) -> tuple[str, np.ndarray]:
     """The ``obs`` column naming each spot's section, and its values as strings.
 
     ``library_key`` when given; for a SpatialData table that annotates several regions, its region column.
     """
     if library_key is None and is_spatialdata(data):
-        attrs = adata.uns.get("spatialdata_attrs", {})
-        if attrs.get("region") is not None and not isinstance(attrs.get("region"), str):
-            library_key = str(attrs["region_key"])
+        from ..io._slide import several_regions_key
+
+        region_key = several_regions_key(adata)
+        library_key = None if region_key is None else str(region_key)
     if library_key is None:
         raise ValueError(
             f"{what} compares sections: pass library_key=... naming the adata.obs column that says which section "
@@ -103,10 +98,10 @@ def domain_shares(
         )
     if isinstance(min_share, bool) or not isinstance(min_share, int | float) or not 0 < min_share < 1:
         raise ValueError(f"min_share must be a fraction in (0, 1), got {min_share!r}.")
-    library_key, sections_of = section_labels(data, adata, library_key, table_key, "domain_shares")
+    library_key, sections_of = section_labels(data, adata, library_key, "domain_shares")
     labels = adata.obs[groupby]
     keep = labels.notna().to_numpy()
-    domains = _categories(labels)
+    domains = categories_of(labels)
     sections = [str(s) for s in pd.unique(sections_of)]
     if isinstance(adata.obs[library_key].dtype, pd.CategoricalDtype):  # the column's own order
         sections = [str(c) for c in adata.obs[library_key].cat.categories if str(c) in set(sections)]

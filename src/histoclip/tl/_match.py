@@ -95,7 +95,8 @@ def match_labels(
         mapping = hungarian_match(adata.obs[key], adata.obs[reference])
         if not mapping:
             raise ValueError(f"obs[{key!r}] and obs[{reference!r}] share no labelled spot; nothing to match.")
-        from ..pl._utils import categories_of, palette
+        from .._utils import categories_of
+        from ..pl._utils import palette
 
         ref_cats = categories_of(adata.obs[reference])
         ref_colors = palette(ref_cats, list(adata.uns.get(f"{reference}_colors", [])) or None)
