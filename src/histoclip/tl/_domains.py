@@ -193,7 +193,7 @@ def domains(
     ``batch_correction="center"`` each section's mean is subtracted from the representation first (the expression
     of the selected genes, or ``obsm[use_rep]``), which removes a shift shared by a whole section (sequencing depth,
     chemistry, a gene measured more or less efficiently). Centering assumes the sections hold broadly the same tissue
-    types; it slightly shifts a section that lacks one of them (``benchmarks/multisection.py`` measures both).
+    types; it slightly shifts a section that lacks one of them (``benchmarks/domains.py --pooled`` measures both).
 
     Parameters
     ----------
@@ -327,11 +327,14 @@ def domains(
         if center:
             x = center_by_group(x, groups)
     with timed("domains"):
-        if grid or not radius_um:
-            graph = knn_graph(coords, n_neighbors, groups)
-        else:  # the same neighbours in microns for the smoothing and the refinement
-            graph = radius_graph(np.concatenate([spot_coords_um(s) for s in all_spots]), float(radius_um), groups)
-        if n_hops > 0 and (grid or radius_um):
+        smooth = n_hops > 0 and (grid or bool(radius_um))
+        graph = None
+        if smooth or refine:  # built only when used (not for an embedding clustered as it is)
+            if grid or not radius_um:
+                graph = knn_graph(coords, n_neighbors, groups)
+            else:  # the same neighbours in microns for the smoothing and the refinement
+                graph = radius_graph(np.concatenate([spot_coords_um(s) for s in all_spots]), float(radius_um), groups)
+        if smooth:
             x = smooth_features(x, graph, n_hops)
         if use_rep is not None and n_pcs is not None and x.shape[1] > n_pcs:
             from sklearn.decomposition import PCA
