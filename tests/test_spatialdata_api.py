@@ -64,6 +64,9 @@ def _tl_embed(sdata, model):
 def _tl_domains(sdata, model):
     hc.tl.domains(sdata, n_domains=2, rng=0, key_added="dom2")
     assert sdata.tables["table"].obs["dom2"].nunique() == 2
+    # the model's embedding, read from the table, is not smoothed again (n_hops=None reads the table's embed record)
+    hc.tl.domains(sdata, n_domains=2, use_rep="X_histoclip", rng=0, key_added="dom3")
+    assert sdata.tables["table"].uns["histoclip"]["params"]["domains"]["n_hops"] == 0
 
 
 def _tl_domain_genes(sdata, model):
