@@ -13,7 +13,10 @@ Default slides: ../shared/data/dlpfc/DLPFC_151673.h5ad and DLPFC_151674.h5ad (re
 Metric: adjusted Rand index (and NMI) of the domains against obs[label], spots without a label ignored, with the number
 of domains set to the number of labels. Every method runs in this process on the same slide with one set of defaults
 for every slide (nothing is tuned per slide). Prints one JSON record per slide, method and seed; writes
-<out>.json and <out>.md (mean and sd over seeds, main table and ablation table).
+<out>.json and <out>.md (mean and sd over seeds, main table and ablation table). --sensitivity-seeds adds a table with
+one model default changed at a time (the joint, clustered as in the main table, and the scanpy workflow on it); with
+--seeds and --ablation-seeds empty it runs alone:
+       python benchmarks/domains.py --seeds --ablation-seeds --sensitivity-seeds 0 1 2 --out .../domains_sensitivity
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ ABLATIONS = {
     "without the cross-modal term": {"cross_modal_weight": 0.0},
     "without spatial context (no neighbourhood input, no neighbour term)": {"spatial_context": False},
     "without fusion weights (fixed 0.5/0.5)": {"fusion": "mean"},
+}
+#: one default changed at a time (--sensitivity-seeds): how much the joint moves with settings near the defaults
+SENSITIVITY = {
+    "defaults (n_components=50, context_um=100, spatial_temperature=0.5)": {},
+    "n_components=20 (fewer expression components)": {"n_components": 20},
+    "n_components=10": {"n_components": 10},
+    "context_um=150 (wider neighbourhood)": {"context_um": 150.0},
+    "spatial_temperature=0.2 (sharper neighbour term)": {"spatial_temperature": 0.2},
 }
 
 
@@ -141,8 +152,10 @@ def main() -> None:
     p.add_argument("h5ad", nargs="*", default=[str(x) for x in DEFAULT])
     p.add_argument("--label", default="layer")
     p.add_argument("--n-domains", type=int, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--sensitivity-seeds", type=int, nargs="*", default=[],
+                   help="seeds of the sensitivity table (one default changed at a time; off by default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "domains"))
     p.add_argument("--pooled", action="store_true", help="cluster the slides together (see the module docstring)")
     p.add_argument("--model-seeds", type=int, nargs="*", default=[0, 1, 2], help="--pooled: seeds of the model rows")
@@ -173,10 +186,12 @@ def main() -> None:
             records.append(r)
             print(json.dumps(r), flush=True)
 
-        for seed in sorted(set(args.seeds) | set(args.ablation_seeds)):
+        for seed in sorted(set(args.seeds) | set(args.ablation_seeds) | set(args.sensitivity_seeds)):
             runs = {"histoclip (defaults)": {}} if seed in args.seeds else {}
             if seed in args.ablation_seeds:
                 runs.update(ABLATIONS)
+            if seed in args.sensitivity_seeds:
+                runs.update({f"sensitivity: {k}": v for k, v in SENSITIVITY.items()})
             for name, kwargs in runs.items():
                 a = adata.copy()
                 t = time.perf_counter()
@@ -186,6 +201,15 @@ def main() -> None:
                 t = time.perf_counter()
                 hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", rng=seed)  # not smoothed again (n_hops=None)
                 t_dom = time.perf_counter() - t
+                if name.startswith("sensitivity: "):
+                    rec("sensitivity", name.removeprefix("sensitivity: "), seed, a.obs["histoclip_domain"],
+                        t_model + t_dom)
+                    t = time.perf_counter()
+                    hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", method="leiden", radius_um=0, n_pcs=None,
+                                  rng=seed)
+                    rec("sensitivity", f"{name.removeprefix('sensitivity: ')}; scanpy workflow (leiden)", seed,
+                        a.obs["histoclip_domain"], time.perf_counter() - t)
+                    continue
                 if name != "histoclip (defaults)":
                     rec("ablation", name, seed, a.obs["histoclip_domain"], t_model + t_dom)
                     continue
@@ -229,9 +253,11 @@ def main() -> None:
     lines = ["# Spatial domains on DLPFC", "",
              f"ARI and NMI against `obs['{args.label}']` (unlabelled spots ignored), as many domains as labels; mean "
              "and "
-             f"sd over seeds (main table: seeds {args.seeds}; ablations: seeds {args.ablation_seeds}). Every row uses "
-             "the package defaults (30 epochs for a Visium slide, 16 px patches of the lowres image, GMM with tied "
-             "covariance, 50 restarts); wall time = train + embed + domains per slide and seed on the 2-core CPU, "
+             f"sd over seeds (main table: seeds {args.seeds}; ablations: seeds {args.ablation_seeds}"
+             + (f"; sensitivity: seeds {args.sensitivity_seeds}" if args.sensitivity_seeds else "")
+             + "). Every row uses the package defaults except a setting it names (30 epochs for a Visium slide, "
+             "16 px patches of the lowres image, GMM with tied covariance, 50 restarts); wall time = train + embed + "
+             "domains per slide and seed on the 2-core CPU, "
              f"shared with other jobs (1-min load average {load[0]:.1f} at the start; per-record loads in the JSON). "
              "Produced by `benchmarks/domains.py`.", ""]
     if args.pooled:
@@ -253,7 +279,7 @@ def main() -> None:
             lines.append(f"| {variant} | {method} | {row.ari_mean:.3f} | {row.ari_sd:.3f} | ".replace("nan", "-")
                          + " | ".join(f"{row[c]:.3f}" for c in per) + f" | {row.wall_s:.1f} | {int(row.n)} |")
         print(summary.round(3).to_string())
-    for table in ("main", "ablation"):
+    for table in ("main", "ablation", "sensitivity"):
         sub = df[df.table == table] if "table" in df else df.iloc[:0]
         if sub.empty:
             continue

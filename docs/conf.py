@@ -69,7 +69,9 @@ def _assemble() -> None:
     for png in results.glob("*.png"):
         _sync(png, out / png.name)
     for name, script in (("prediction.md", "prediction.py"), ("domains.md", "domains.py"),
-                         ("domains_pooled.md", "domains.py --pooled"), ("speed.md", "speed.py"),
+                         ("domains_pooled.md", "domains.py --pooled"),
+                         ("domains_sensitivity.md", "domains.py --seeds --ablation-seeds --sensitivity-seeds 0 1 2"),
+                         ("speed.md", "speed.py"),
                          ("compare_speed.md", "compare_speed.py"), ("her2st_morphology.md", "her2st_morphology.py")):
         if (results / name).is_file():
             _sync(results / name, out / name)
