@@ -11,9 +11,8 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from .._constants import Key
-from .._utils import get_table
+from .._utils import categories_of, get_table
 from ._utils import (
-    categories_of,
     category_handles,
     draw_slide,
     finish,

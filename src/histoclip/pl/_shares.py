@@ -7,8 +7,8 @@ import numpy as np
 from matplotlib.patches import Patch
 
 from .._constants import Key
-from .._utils import get_table
-from ._utils import categories_of, finish, get_ax, palette
+from .._utils import categories_of, get_table
+from ._utils import finish, get_ax, palette
 
 if TYPE_CHECKING:
     from anndata import AnnData

@@ -10,7 +10,6 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 
-from .._utils import categories_of  # noqa: F401 (the pl modules take it from here)
 from ..io._slide import Slide, SpotData, resolve_regions, several_regions_key
 
 
