@@ -52,6 +52,12 @@ SENSITIVITY = {
 }
 
 
+def scanpy_workflow(adata: ad.AnnData, n_domains: int, seed: int) -> None:
+    """neighbors(use_rep="X_histoclip") + leiden at the resolution giving ``n_domains``, no smoothing, no PCA."""
+    hc.tl.domains(adata, n_domains=n_domains, use_rep="X_histoclip", method="leiden", radius_um=0, n_pcs=None,
+                  rng=seed)
+
+
 def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
     """What the model sees, scaled and concatenated, with no training: the expression projections of each spot and of
     its neighbourhood (the model's own basis and graph) and its patch's colour statistics, each block scaled to unit
@@ -205,8 +211,7 @@ def main() -> None:
                     rec("sensitivity", name.removeprefix("sensitivity: "), seed, a.obs["histoclip_domain"],
                         t_model + t_dom)
                     t = time.perf_counter()
-                    hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", method="leiden", radius_um=0, n_pcs=None,
-                                  rng=seed)
+                    scanpy_workflow(a, k, seed)
                     rec("sensitivity", f"{name.removeprefix('sensitivity: ')}; scanpy workflow (leiden)", seed,
                         a.obs["histoclip_domain"], time.perf_counter() - t)
                     continue
@@ -228,8 +233,7 @@ def main() -> None:
                 rec("main", "joint X_histoclip smoothed again (2 hops within 150 um, as before n_hops=None)", seed,
                     a.obs["histoclip_domain"], t_model + t_dom + time.perf_counter() - t)
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", method="leiden", radius_um=0, n_pcs=None,
-                              rng=seed)
+                scanpy_workflow(a, k, seed)
                 rec("main", "scanpy workflow: neighbors(use_rep='X_histoclip') + leiden, no smoothing", seed,
                     a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
