@@ -17,6 +17,7 @@ for every slide (nothing is tuned per slide). Prints one JSON record per slide, 
 one model default changed at a time (the joint, clustered as in the main table, and the scanpy workflow on it); with
 --seeds and --ablation-seeds empty it runs alone:
        python benchmarks/domains.py --seeds --ablation-seeds --sensitivity-seeds 0 1 2 --out .../domains_sensitivity
+--sensitivity-settings n_genes runs only the rows whose name starts with "n_genes" (merge with --from-json).
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ ABLATIONS = {
 }
 #: one default changed at a time (--sensitivity-seeds): how much the joint moves with settings near the defaults
 SENSITIVITY = {
-    "defaults (n_components=50, context_um=100, spatial_temperature=0.5)": {},
+    "defaults (n_components=50, context_um=100, spatial_temperature=0.5, n_genes=2000)": {},
     "n_components=20 (fewer expression components)": {"n_components": 20},
     "n_components=10": {"n_components": 10},
     "context_um=150 (wider neighbourhood)": {"context_um": 150.0},
     "spatial_temperature=0.2 (sharper neighbour term)": {"spatial_temperature": 0.2},
+    "n_genes=1000 (fewer Moran's I genes)": {"n_genes": 1000},
+    "n_genes=5000 (every gene of these slides)": {"n_genes": 5000},
 }
 
 
@@ -162,6 +165,8 @@ def main() -> None:
     p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--sensitivity-seeds", type=int, nargs="*", default=[],
                    help="seeds of the sensitivity table (one default changed at a time; off by default)")
+    p.add_argument("--sensitivity-settings", nargs="*", default=None,
+                   help="run only the sensitivity rows whose name starts with one of these (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "domains"))
     p.add_argument("--pooled", action="store_true", help="cluster the slides together (see the module docstring)")
     p.add_argument("--model-seeds", type=int, nargs="*", default=[0, 1, 2], help="--pooled: seeds of the model rows")
@@ -170,9 +175,12 @@ def main() -> None:
     args = p.parse_args()
     hc.settings.progress = False
     records = []
-    load = os.getloadavg()
-    for f in args.from_json:
-        records += json.loads(Path(f).read_text())["records"]
+    merged = [json.loads(Path(f).read_text()) for f in args.from_json]
+    for run in merged:
+        records += run["records"]
+    records.sort(key=lambda r: r.get("slide", ""))  # stable: per slide, in the order the runs wrote them
+    # merged runs report the busiest start among them (per-record loads stay in the JSON), not this process's load
+    load = max((tuple(run["loadavg_at_start"]) for run in merged), default=os.getloadavg())
     if args.pooled and not args.from_json:
         pooled(args.h5ad, args.label, args.n_domains, args.seeds, args.model_seeds, records)
     for path in [] if (args.from_json or args.pooled) else args.h5ad:
@@ -197,7 +205,8 @@ def main() -> None:
             if seed in args.ablation_seeds:
                 runs.update(ABLATIONS)
             if seed in args.sensitivity_seeds:
-                runs.update({f"sensitivity: {k}": v for k, v in SENSITIVITY.items()})
+                runs.update({f"sensitivity: {k}": v for k, v in SENSITIVITY.items()
+                             if args.sensitivity_settings is None or k.startswith(tuple(args.sensitivity_settings))})
             for name, kwargs in runs.items():
                 a = adata.copy()
                 t = time.perf_counter()
