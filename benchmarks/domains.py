@@ -201,13 +201,13 @@ def main() -> None:
             print(json.dumps(r), flush=True)
 
         for seed in sorted(set(args.seeds) | set(args.ablation_seeds) | set(args.sensitivity_seeds)):
-            runs = {"histoclip (defaults)": {}} if seed in args.seeds else {}
+            runs = [("main", "histoclip (defaults)", {})] if seed in args.seeds else []
             if seed in args.ablation_seeds:
-                runs.update(ABLATIONS)
+                runs += [("ablation", name, kw) for name, kw in ABLATIONS.items()]
             if seed in args.sensitivity_seeds:
-                runs.update({f"sensitivity: {k}": v for k, v in SENSITIVITY.items()
-                             if args.sensitivity_settings is None or k.startswith(tuple(args.sensitivity_settings))})
-            for name, kwargs in runs.items():
+                runs += [("sensitivity", name, kw) for name, kw in SENSITIVITY.items()
+                         if args.sensitivity_settings is None or name.startswith(tuple(args.sensitivity_settings))]
+            for table, name, kwargs in runs:
                 a = adata.copy()
                 t = time.perf_counter()
                 model = hc.tl.train(a, rng=seed, **kwargs)
@@ -216,16 +216,15 @@ def main() -> None:
                 t = time.perf_counter()
                 hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", rng=seed)  # not smoothed again (n_hops=None)
                 t_dom = time.perf_counter() - t
-                if name.startswith("sensitivity: "):
-                    rec("sensitivity", name.removeprefix("sensitivity: "), seed, a.obs["histoclip_domain"],
-                        t_model + t_dom)
+                if table == "sensitivity":
+                    rec(table, name, seed, a.obs["histoclip_domain"], t_model + t_dom)
                     t = time.perf_counter()
                     scanpy_workflow(a, k, seed)
-                    rec("sensitivity", f"{name.removeprefix('sensitivity: ')}; scanpy workflow (leiden)", seed,
-                        a.obs["histoclip_domain"], time.perf_counter() - t)
+                    rec(table, f"{name}; scanpy workflow (leiden)", seed, a.obs["histoclip_domain"],
+                        time.perf_counter() - t)
                     continue
-                if name != "histoclip (defaults)":
-                    rec("ablation", name, seed, a.obs["histoclip_domain"], t_model + t_dom)
+                if table == "ablation":
+                    rec(table, name, seed, a.obs["histoclip_domain"], t_model + t_dom)
                     continue
                 rec("main", "joint embedding X_histoclip (train + embed + domains)", seed,
                     a.obs["histoclip_domain"], t_model + t_dom)
