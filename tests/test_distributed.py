@@ -125,7 +125,8 @@ def test_train_with_ddp_strategy_through_the_model(monkeypatch):
     assert np.isfinite(model.history["loss"]).all()
     assert model.train_params["devices"] == 2 and model.train_params["strategy"] == "ddp"
     emb = model.get_latent_representation()
-    assert emb.shape == (256, model.init_params["embedding_dim"]) and np.isfinite(emb).all()
+    width = model.init_params["embedding_dim"] + model.init_params["skip_components"]  # [expression skip, fused]
+    assert emb.shape == (256, width) and np.isfinite(emb).all()
 
 
 def test_bad_strategy_and_devices():

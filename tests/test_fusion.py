@@ -65,7 +65,10 @@ def test_fusion_weights_written_and_drawn(fused, tmp_path):
     w = adata.obs["histoclip_image_weight"].to_numpy()
     assert w.shape == (adata.n_obs,) and ((w >= 0) & (w <= 1)).all()
     z, zi, ze = (adata.obsm[k] for k in ("X_histoclip", "X_histoclip_image", "X_histoclip_expression"))
-    np.testing.assert_allclose(z, (1 - w)[:, None] * ze + w[:, None] * zi, rtol=1e-4, atol=1e-5)
+    k = model.module.skip_components
+    assert k == 10 and z.shape[1] == k + TINY["embedding_dim"]
+    fused = z[:, k:] / float(model.module.block_scale[1])  # the learned block of the joint embedding: the fusion
+    np.testing.assert_allclose(fused, (1 - w)[:, None] * ze + w[:, None] * zi, rtol=1e-4, atol=1e-5)
     ax = hc.pl.image_weight(adata, save=tmp_path / "w.png")
     assert (tmp_path / "w.png").stat().st_size > 0 and len(ax.collections) == 1
     plt.close("all")
@@ -125,7 +128,11 @@ def test_domains_do_not_smooth_the_model_embedding_again(fused):
     assert b.uns["histoclip"]["params"]["domains"]["n_hops"] == 0
     hc.tl.domains(b, n_domains=3, use_rep="X_histoclip_image", rng=0)  # the image latent has no neighbourhood
     assert b.uns["histoclip"]["params"]["domains"]["n_hops"] == 2
-    hc.tl.domains(b, n_domains=3, rng=0)  # the default needs no model, even where one was embedded
+    hc.tl.domains(b, n_domains=3, rng=0)  # after tl.embed the default is the joint embedding, not smoothed again
+    p = b.uns["histoclip"]["params"]["domains"]
+    assert p["use_rep"] == "X_histoclip" and p["n_hops"] == 0
+    assert (b.obs["histoclip_domain"] == a.obs["histoclip_domain"]).all()
+    hc.tl.domains(b, n_domains=3, use_rep="expression_pca", rng=0)  # the model-free path, one argument away
     p = b.uns["histoclip"]["params"]["domains"]
     assert p["use_rep"] == "expression_pca" and p["n_hops"] == 2
     # a copy of the embedding under another name is not known to carry context: smoothed like any representation
@@ -178,3 +185,57 @@ def test_loaded_untrained_model_trains_on_its_saved_basis(tmp_path):
     loaded = HistoCLIP.load(model.save(tmp_path / "m"), adata)
     loaded.train(1, batch_size=64, accelerator="cpu")  # untrained: the module is rebuilt from the seed
     torch.testing.assert_close(loaded.module.expression_basis, basis)
+
+
+def test_joint_keeps_the_model_free_representation_beside_what_was_learned(fused):
+    """The skip block of X_histoclip is the representation tl.domains clusters without a model (up to each column's
+    sign and the block's scale), whatever training did to the learned block."""
+    from histoclip.io._slide import resolve
+    from histoclip.pp._graph import radius_graph, spot_coords_um
+    from histoclip.tl._domains import expression_pca, smooth_features
+
+    model, adata = fused
+    k = model.module.skip_components
+    skip = adata.obsm["X_histoclip"][:, :k] / float(model.module.block_scale[0])
+    spots = resolve(adata, need_image=False)
+    free = expression_pca(adata.X, adata.var_names, spots.coords(), spots.library_labels(), n_genes=30, n_pcs=k, seed=0)
+    free = smooth_features(free, radius_graph(spot_coords_um(spots), 150.0, spots.library_labels()), 2)
+    for j in range(k):
+        r = np.corrcoef(skip[:, j], free[:, j])[0, 1]
+        assert abs(r) > 0.999, (j, r)
+    # the two blocks weigh the same: unit mean squared norm over the training spots
+    for block in (adata.obsm["X_histoclip"][:, :k], adata.obsm["X_histoclip"][:, k:]):
+        centred = block - block.mean(axis=0)
+        assert (centred ** 2).sum(axis=1).mean() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_untrained_expression_latent_is_the_smoothed_pca():
+    m = HistoclipModule(12, embedding_dim=4, n_components=5)
+    m.expression_basis.copy_(torch.randn(12, 5))
+    m.init_expression_latent_from_pca()
+    e = torch.randn(7, 24)
+    own, nbr = e[:, :12] @ m.expression_basis, e[:, 12:] @ m.expression_basis
+    torch.testing.assert_close(m.expression_embedding(e), 0.5 * (own + nbr)[:, :4])
+
+
+def test_a_slide_without_an_image_trains_embeds_clusters_and_plots(tmp_path, caplog):
+    adata = hc.datasets.toy(rng=0)
+    lib = next(iter(adata.uns["spatial"]))
+    adata.uns["spatial"][lib].pop("images")
+    before = adata.copy()
+    with caplog.at_level("WARNING", logger="histoclip"):
+        model = hc.tl.train(adata, max_epochs=2, batch_size=64, rng=0, accelerator="cpu", **TINY)
+    assert "no image" in caplog.text and model.init_params["use_image"] is False
+    assert set(adata.obsm) == set(before.obsm)  # training writes nothing
+    hc.tl.embed(adata, model)
+    assert "X_histoclip_image" not in adata.obsm and "histoclip_image_weight" not in adata.obs  # absent, not zeros
+    assert adata.obsm["X_histoclip"].shape == (adata.n_obs, 10 + TINY["embedding_dim"])
+    hc.tl.domains(adata, n_domains=3, rng=0)
+    assert adata.uns["histoclip"]["params"]["domains"]["use_rep"] == "X_histoclip"
+    truth = adata.obs["domain"].astype(str)
+    assert hc.metrics.adjusted_rand(truth, adata.obs["histoclip_domain"]) > 0.5
+    model.save(tmp_path / "m")
+    again = HistoCLIP.load(tmp_path / "m", adata)
+    np.testing.assert_allclose(again.get_latent_representation(adata), adata.obsm["X_histoclip"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="without its image branch"):
+        hc.tl.embed(adata, model, modality="image")

@@ -35,7 +35,7 @@ def test_history_and_shapes(trained):
     assert list(model.history["epoch"]) == [1, 2]
     assert np.isfinite(model.history["loss"]).all()
     z = model.get_latent_representation(adata, modality="joint")
-    assert z.shape == (adata.n_obs, 32) and z.dtype == np.float32
+    assert z.shape == (adata.n_obs, 42) and z.dtype == np.float32
     zi = model.get_latent_representation(adata, modality="image")
     ze = model.get_latent_representation(adata, modality="expression")
     assert zi.shape == ze.shape == (adata.n_obs, 32)
@@ -43,7 +43,9 @@ def test_history_and_shapes(trained):
     section, inputs = model._resolve_query(adata, "joint")
     w = model._embeddings(section, inputs, 512)["image_weight"]
     assert ((w >= 0) & (w <= 1)).all() and np.ptp(w) > 0
-    np.testing.assert_allclose(z, (1 - w)[:, None] * ze + w[:, None] * zi, rtol=1e-4, atol=1e-5)
+    k = model.module.skip_components  # [expression skip, fusion], each block scaled
+    fused = z[:, k:] / float(model.module.block_scale[1])
+    np.testing.assert_allclose(fused, (1 - w)[:, None] * ze + w[:, None] * zi, rtol=1e-4, atol=1e-5)
 
 
 def test_save_load_roundtrip_identical(trained, tmp_path):

@@ -65,7 +65,7 @@ def test_same_seed_identical_results_in_two_fresh_processes(tmp_path):
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two runs"
     z = np.load(a / "X_histoclip.npy")
-    assert z.shape == (100, 32) and np.isfinite(z).all() and np.abs(z).max() > 0
+    assert z.shape == (100, 42) and np.isfinite(z).all() and np.abs(z).max() > 0
     assert len(np.unique(np.load(a / "domains.npy"))) > 1
 
 

@@ -11,7 +11,7 @@ def test_embed_writes_documented_keys(trained):
     hc.tl.embed(adata, model)
     # the keys listed in embed's docstring, with their documented widths and dtype
     doc = hc.tl.embed.__doc__
-    for key, width in (("X_histoclip", 32), ("X_histoclip_image", 32), ("X_histoclip_expression", 32)):
+    for key, width in (("X_histoclip", 42), ("X_histoclip_image", 32), ("X_histoclip_expression", 32)):
         assert f'obsm["{key}"]' in doc
         assert adata.obsm[key].shape == (adata.n_obs, width) and adata.obsm[key].dtype == np.float32
     assert 'uns["histoclip"]["params"]["embed"]' in doc

@@ -87,7 +87,8 @@ class PatchDataset(Dataset):
     Parameters
     ----------
     reader
-        A :class:`PatchReader` (patches are read lazily), or ``None`` when ``features`` is given.
+        A :class:`PatchReader` (patches are read lazily), or ``None`` when ``features`` is given or the model has no
+        image branch (then each item's image is an empty tensor and ``expression`` is required).
     expression
         ``(n_obs, n_inputs)`` float32 inputs of the expression encoder, or ``None`` (image-only queries).
     features
@@ -116,9 +117,9 @@ class PatchDataset(Dataset):
         positives: bool = False,
         seed: int = 0,
     ) -> None:
-        if reader is None and features is None:
-            raise ValueError("PatchDataset needs patches (a PatchReader) or precomputed image features.")
-        n = len(reader) if reader is not None else features.shape[0]
+        if reader is None and features is None and expression is None:
+            raise ValueError("PatchDataset needs patches (a PatchReader), precomputed image features or expression.")
+        n = len(reader) if reader is not None else (features.shape[0] if features is not None else expression.shape[0])
         if expression is not None and expression.shape[0] != n:
             raise ValueError(f"expression has {expression.shape[0]} rows, expected {n}.")
         self.reader = reader
@@ -144,6 +145,8 @@ class PatchDataset(Dataset):
     def __getitem__(self, i: int):
         if self.features is not None:
             img = torch.from_numpy(self.features[i])
+        elif self.reader is None:  # an expression-only model: no image input
+            img = torch.zeros(0)
         else:
             img = torch.from_numpy(self.reader(i)).permute(2, 0, 1).contiguous()  # uint8 (3, p, p)
         if self.expression is None:

@@ -19,7 +19,7 @@ from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
 from ..pp._genes import expression_matrix, select_genes
-from ..pp._graph import gaussian_graph, knn_graph, row_normalize, spot_coords_um
+from ..pp._graph import gaussian_graph, knn_graph, radius_graph, row_normalize, spot_coords_um
 from ..train import pick_device
 from ..train._distributed import fit_with_strategy
 from . import _save
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 Modality = Literal["joint", "image", "expression"]
+
+#: the expression skip is smoothed like the model-free representation of tl.domains: 2 hops within 150 um
+SKIP_RADIUS_UM = 150.0
+SKIP_HOPS = 2
 
 
 @dataclass
@@ -53,6 +57,30 @@ class _EpochEnd:
         return {"fn": None}  # a closure over the model cannot (and need not) travel to another process
 
 
+def _has_image(data, table_key: str = "table", library_key: str | None = None, library_id: str | None = None) -> bool:
+    """Whether every section of ``data`` has an image to cut patches from (or patch boxes already cut)."""
+    from .._utils import get_table, is_spatialdata
+
+    for d in _as_list(data):
+        if is_spatialdata(d):
+            if not len(d.images):
+                return False
+            continue
+        table = get_table(d, table_key) if not isinstance(d, AnnData) else d
+        if Key.obsm.patch_box in table.obsm:
+            continue
+        spatial = table.uns.get(Key.uns.spatial)
+        if not isinstance(spatial, dict) or not spatial:
+            return False
+        libs = [library_id] if library_id is not None and library_id in spatial else list(spatial)
+        for lib in libs:
+            entry = spatial[lib] if isinstance(spatial[lib], dict) else {}
+            meta = entry.get("metadata", {}) or {}
+            if not (entry.get("images") or (isinstance(meta, dict) and meta.get("fullres_image"))):
+                return False
+    return True
+
+
 def _as_list(data) -> list:
     if isinstance(data, list | tuple):
         if not data:
@@ -69,30 +97,58 @@ def _auto_patch_px(sections: list) -> int:
     return int(np.clip(8 * np.ceil(side / 8), 16, 32))
 
 
-def _expression_basis(xs: list[np.ndarray], n_components: int, chunk: int = 8192, max_rows: int = 20_000) -> np.ndarray:
-    """The top principal axes of the standardised expression of all training spots, ``(n_genes, k)`` float32.
+def _input_covariance(xs: list[np.ndarray], chunk: int = 8192, max_rows: int = 20_000) -> np.ndarray:
+    """Gene-gene covariance ``(n_genes, n_genes)`` float64 of the standardised inputs of all training spots.
 
-    From the gene-gene covariance accumulated over row blocks (memory ``n_genes ** 2``, not another copy of the
-    data). Axes are signed deterministically and scaled by ``1 / sd`` of the first component, so the projections the
-    model sees are of order one.
+    Accumulated over row blocks of an even subsample of at most ``max_rows`` spots (memory ``n_genes ** 2``, not
+    another copy of the data): the axes of 100k spots cost 20k's.
     """
     g = xs[0].shape[1]
-    k = int(min(n_components, g))
     cov = np.zeros((g, g), dtype=np.float64)
     n = 0
     total = sum(x.shape[0] for x in xs)
-    step = max(1, total // max_rows)  # an even subsample of at most max_rows spots: the axes of 100k spots cost 20k's
+    step = max(1, total // max_rows)
     for x in xs:
         for i in range(0, x.shape[0], chunk * step):
             b = x[i : i + chunk * step : step].astype(np.float64)
             cov += b.T @ b
             n += b.shape[0]
-    vals, vecs = np.linalg.eigh(cov / max(n - 1, 1))
+    return cov / max(n - 1, 1)
+
+
+def _principal_axes(cov: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` eigenvectors of ``cov`` (signed so that each one's largest entry is positive) and eigenvalues."""
+    k = int(min(k, cov.shape[0]))
+    vals, vecs = np.linalg.eigh(cov)
     order = np.argsort(vals)[::-1][:k]
     vecs = vecs[:, order]
     vecs *= np.where(vecs[np.abs(vecs).argmax(axis=0), np.arange(k)] < 0, -1.0, 1.0)
-    scale = 1.0 / np.sqrt(max(vals[order[0]], 1e-12))
+    return vecs, vals[order]
+
+
+def _expression_basis(cov: np.ndarray, n_components: int) -> np.ndarray:
+    """The top principal axes of the standardised expression, ``(n_genes, k)`` float32.
+
+    Axes are signed deterministically and scaled by ``1 / sd`` of the first component, so the projections the model
+    sees are of order one.
+    """
+    vecs, vals = _principal_axes(cov, n_components)
+    scale = 1.0 / np.sqrt(max(vals[0], 1e-12))
     return (vecs * scale).astype(np.float32)
+
+
+def _skip_basis(cov: np.ndarray, gene_std: np.ndarray, k: int) -> np.ndarray:
+    """Axes that project *standardised* inputs on the principal components of the log expression itself.
+
+    The log expression (centred, not scaled per gene) is ``u * std`` for standardised inputs ``u``; its covariance is
+    ``S C S`` (``S = diag(std)``) and its principal components are ``(u * std) @ V = u @ (S V)``: the representation
+    :func:`histoclip.tl.domains` clusters without a model, computed from the model's own inputs.
+    """
+    if k <= 0:
+        return np.zeros((cov.shape[0], 0), dtype=np.float32)
+    std = gene_std.astype(np.float64)
+    vecs, _ = _principal_axes(cov * std[:, None] * std[None, :], k)
+    return (vecs * std[:, None]).astype(np.float32)
 
 
 def default_max_epochs(n_obs: int) -> int:
@@ -177,9 +233,23 @@ class HistoCLIP:
         a full-resolution image: 32). The chosen value is kept in ``init_params`` and in saved models.
     hidden_dim, latent_dim, embedding_dim, n_components, dropout, temperature, loss, spatial_weight, spatial_temperature
         Network and loss settings (see :class:`histoclip.module.HistoclipModule`).
-    reconstruction_weight, image_reconstruction_weight, cross_modal_weight, mask_rate, fusion, use_image
-        Loss terms and fusion (see :class:`histoclip.module.HistoclipModule`); ``use_image=False`` and the zero weights
-        are the ablations of ``benchmarks/domains.py``.
+    reconstruction_weight, image_reconstruction_weight, cross_modal_weight, mask_rate, fusion
+        Loss terms and fusion (see :class:`histoclip.module.HistoclipModule`); the zero weights are the ablations of
+        ``benchmarks/domains.py``.
+    use_image
+        Train the image branch. Default (``None``): when the data has an image (or ``image_features_key``); a slide
+        without one gets an expression-only model (logged as a warning), whose joint embedding holds no image part and
+        which writes no image weight.
+    skip_components
+        Principal components of the log expression kept beside the learned embedding in the joint embedding
+        ``X_histoclip`` (an expression skip path, 0 turns it off): each spot's components averaged twice over its
+        neighbours within 150 um, exactly the representation :func:`histoclip.tl.domains` clusters without a model.
+        Training only adds to it, so the joint embedding keeps its own expression input whatever the seed or the size
+        of the slide. Both blocks are scaled to unit mean squared norm over the training spots.
+    init_expression
+        ``"pca"``: the expression latent starts as the spot's smoothed principal components (``0.5 * (own +
+        neighbourhood)`` of the first ``embedding_dim``), so an untrained model is already the expression PCA and
+        training depends less on the seed; ``"random"``: torch's default initialisation.
     library_key, library_id, table_key, image_key, shapes_key, coordinate_system
         How to find the spots and images (see :func:`histoclip.pp.extract_patches`).
 
@@ -214,7 +284,9 @@ class HistoCLIP:
         cross_modal_weight: float = 1.0,
         mask_rate: float = 0.2,
         fusion: Literal["attention", "mean"] = "attention",
-        use_image: bool = True,
+        use_image: bool | None = None,
+        skip_components: int = 10,
+        init_expression: Literal["pca", "random"] = "pca",
         library_key: str | None = None,
         library_id: str | None = None,
         table_key: str = "table",
@@ -230,6 +302,14 @@ class HistoCLIP:
             raise ValueError(f"n_neighbors must be at least 1 (or None for context_um), got {n_neighbors}.")
         if patch_px is not None and patch_px < 8:
             raise ValueError(f"patch_px must be at least 8, got {patch_px}.")
+        if isinstance(skip_components, bool) or not isinstance(skip_components, int | np.integer) or skip_components < 0:
+            raise ValueError(f"skip_components must be a non-negative integer (0: no skip), got {skip_components!r}.")
+        if init_expression not in ("pca", "random"):
+            raise ValueError(f"init_expression must be 'pca' or 'random', got {init_expression!r}.")
+        if use_image is None:  # an image (or image features) when the data has one, else an expression-only model
+            use_image = image_features_key is not None or _has_image(data, table_key, library_key, library_id)
+            if not use_image:
+                logger.warning("HistoCLIP: the data has no image; training an expression-only model (use_image=False).")
         if image_features_key is not None:
             image_backbone = "features"
         self.init_params: dict[str, Any] = {
@@ -257,7 +337,9 @@ class HistoCLIP:
             "cross_modal_weight": cross_modal_weight,
             "mask_rate": mask_rate,
             "fusion": fusion,
-            "use_image": use_image,
+            "use_image": bool(use_image),
+            "skip_components": int(skip_components),
+            "init_expression": init_expression,
         }
         self.setup_params: dict[str, Any] = {
             "library_key": library_key,
@@ -269,7 +351,7 @@ class HistoCLIP:
         }
         self._data = _as_list(data)
         if patch_px is None:
-            self.init_params["patch_px"] = 32 if image_features_key is not None else None
+            self.init_params["patch_px"] = 32 if image_features_key is not None or not use_image else None
         sections = [self._section(d, need_counts=True) for d in self._data]  # validates everything first
         for sec in sections:
             check_counts_table(sec.spots.adata, layer)
@@ -285,7 +367,10 @@ class HistoCLIP:
         xs = [expression_matrix(t, self.genes, layer=layer) for t in tables]
         self.gene_mean, self.gene_std = _column_moments(xs)
         self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, sections, strict=True)]
-        self._basis = _expression_basis(self._train_inputs, int(n_components))
+        cov = _input_covariance(self._train_inputs)
+        self._basis = _expression_basis(cov, int(n_components))
+        self._skip = _skip_basis(cov, self.gene_std, int(skip_components))
+        del cov
         del xs  # standardised in place: one (n_obs, n_genes) float32 copy of the expression is held, not several
         self._sections = sections
         feat_dim = sections[0].features.shape[1] if image_features_key is not None else None
@@ -338,6 +423,7 @@ class HistoCLIP:
     def _section(self, data, *, need_counts: bool) -> _Section:
         sp = self.setup_params
         uses_features = self.init_params["image_features_key"] is not None
+        use_image = bool(self.init_params.get("use_image", True))
         from ..pp._patches import patch_image_key  # issue 13: reuse the image the patch boxes were cut from
 
         spots = resolve(
@@ -349,11 +435,13 @@ class HistoCLIP:
             shapes_key=sp["shapes_key"],
             coordinate_system=sp["coordinate_system"],
             img_key=self._img_key_of(data),
-            need_image=not uses_features,
+            need_image=use_image and not uses_features,
         )
         adata = spots.adata
         reader, feats = None, None
-        if uses_features:
+        if not use_image:
+            pass  # an expression-only model reads no patches and no image features
+        elif uses_features:
             key = self.init_params["image_features_key"]
             if key not in adata.obsm:
                 raise KeyError(f"Image features adata.obsm[{key!r}] not found; obsm has {list(adata.obsm.keys())}.")
@@ -423,14 +511,21 @@ class HistoCLIP:
                 fusion=p["fusion"],
                 use_image=p["use_image"],
                 spatial_context=p["spatial_context"],
+                skip_components=p.get("skip_components", 0),
             )
         # the expression basis comes from the training data (a new model) or from the weights already held (a loaded
         # model: its file carries the basis), never from a fresh zero buffer
-        basis = getattr(self, "_basis", None)
+        basis, skip = getattr(self, "_basis", None), getattr(self, "_skip", None)
         if basis is not None:
             module.expression_basis.copy_(torch.from_numpy(basis))
         elif getattr(self, "module", None) is not None:
             module.expression_basis.copy_(self.module.expression_basis.detach().cpu())
+        if skip is not None and skip.shape == tuple(module.skip_basis.shape):
+            module.skip_basis.copy_(torch.from_numpy(skip))
+        elif getattr(self, "module", None) is not None:
+            module.skip_basis.copy_(self.module.skip_basis.detach().cpu())
+        if p.get("init_expression", "random") == "pca" and module.expression_basis.device.type != "meta":
+            module.init_expression_latent_from_pca()
         return module
 
     # ---------------------------------------------------------------------------------------------- training
@@ -544,7 +639,10 @@ class HistoCLIP:
                 "weight_decay": weight_decay, "augment": augment, "precision": precision, "seed": seed,
                 "device": str(device), "interrupted": epoch < start + max_epochs,
             }
+            self._scale_stale = True  # the fused block changed: rescale before the next embedding
             if checkpoint_dir is not None:
+                self._set_block_scale()
+                self.module.train()
                 self._save_checkpoint(checkpoint_dir, optimizer.state_dict(), epoch)
         result = fit_with_strategy(
             self.module,
@@ -557,7 +655,7 @@ class HistoCLIP:
             weight_decay=weight_decay,
             seed=seed,
             device=device,
-            augment=augment and self.init_params["image_backbone"] != "features",
+            augment=augment and self.init_params["image_backbone"] != "features" and self.init_params["use_image"],
             precision=precision,
             num_workers=settings.num_workers if num_workers is None else num_workers,
             start_epoch=start,
@@ -568,6 +666,8 @@ class HistoCLIP:
         hist = result.history
         self.history = hist if not len(base_history) else pd.concat([base_history, hist], ignore_index=True)
         self.is_trained = self.is_trained or result.epochs_completed > 0
+        if result.epochs_completed > 0 or getattr(self, "_scale_stale", False):
+            self._set_block_scale()
         self.train_params = {
             "max_epochs": max_epochs, "epochs_completed": int(start + result.epochs_completed),
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "augment": augment,
@@ -676,15 +776,19 @@ class HistoCLIP:
 
     @torch.inference_mode()
     def _embeddings(self, section: _Section, inputs: np.ndarray | None, batch_size: int, *,
-                    with_image: bool = True) -> dict[str, np.ndarray]:
+                    with_image: bool = True, scaled: bool = True) -> dict[str, np.ndarray]:
         """The latents written by :func:`histoclip.tl.embed`.
 
         ``image``, and with ``inputs`` also ``expression``, ``joint`` and ``image_weight`` (the fusion's per-spot
-        weight of the image); ``with_image=False``: only ``expression``.
+        weight of the image; absent for a model without an image branch); ``with_image=False``: only ``expression``.
+        With the expression skip (``skip_components > 0``) the joint embedding is ``[skip, fused]``: the spot's
+        smoothed expression principal components (the model-free representation of :func:`histoclip.tl.domains`)
+        beside the learned fusion, each block scaled to unit mean squared norm over the training spots
+        (``scaled=False``: the two blocks unscaled, as ``skip`` and ``fused``).
         """
         self.module.eval()
         dev = self.device
-        out: dict[str, list] = {"image": [], "expression": [], "joint": [], "image_weight": []}
+        out: dict[str, list] = {"image": [], "expression": [], "fused": [], "image_weight": []}
         use_image = bool(self.init_params.get("use_image", True)) and with_image
         if use_image:
             ds = PatchDataset(section.reader, None, section.features)
@@ -698,9 +802,53 @@ class HistoCLIP:
                 zi = None if z_img is None else torch.from_numpy(z_img[rows]).to(dev)
                 joint, w = self.module.fuse(zi, z_e)
                 out["expression"].append(z_e.cpu().numpy())
-                out["joint"].append(joint.float().cpu().numpy())
-                out["image_weight"].append(w.float().cpu().numpy())
-        return {k: np.concatenate(v).astype(np.float32) for k, v in out.items() if v}
+                out["fused"].append(joint.float().cpu().numpy())
+                if self.init_params.get("use_image", True):
+                    out["image_weight"].append(w.float().cpu().numpy())
+        res = {k: np.concatenate(v).astype(np.float32) for k, v in out.items() if v}
+        if inputs is None:
+            return res
+        fused = res.pop("fused")
+        if self.module.skip_components == 0:
+            res["joint"] = fused
+            return res
+        skip = self._skip_representation(section, inputs)
+        if not scaled:
+            return {**res, "skip": skip, "fused": fused}
+        if getattr(self, "_scale_stale", False):
+            self._set_block_scale()
+        s_skip, s_fused = (float(v) for v in self.module.block_scale.detach().cpu())
+        res["joint"] = np.concatenate([skip * s_skip, fused * s_fused], axis=1).astype(np.float32)
+        return res
+
+    def _skip_representation(self, section: _Section, inputs: np.ndarray) -> np.ndarray:
+        """The expression skip: principal components of the log expression, averaged twice over each spot's neighbours
+        within ``skip_radius_um`` (with itself), as :func:`histoclip.tl.domains` smooths the model-free PCA."""
+        from ..tl._domains import smooth_features
+
+        basis = self.module.skip_basis.detach().cpu().numpy()
+        proj = np.zeros((inputs.shape[0], basis.shape[1]), dtype=np.float32)
+        for i in range(0, inputs.shape[0], 8192):
+            proj[i : i + 8192] = inputs[i : i + 8192] @ basis
+        radius = float(self.init_params.get("skip_radius_um", SKIP_RADIUS_UM))
+        graph = radius_graph(spot_coords_um(section.spots), radius, section.spots.library_labels())
+        return smooth_features(proj, graph, SKIP_HOPS)
+
+    @torch.inference_mode()
+    def _set_block_scale(self, batch_size: int = 512) -> None:
+        """Scale the two blocks of the joint embedding (skip, fused) to unit mean squared norm over the training spots
+        (centred), so that each carries the same weight in the clustering of :func:`histoclip.tl.domains`."""
+        if self.module.skip_components == 0 or not self._sections:
+            return
+        parts = [self._embeddings(s, x, batch_size, scaled=False) for s, x in zip(self._sections, self._train_inputs,
+                                                                               strict=True)]
+        scale = []
+        for key in ("skip", "fused"):
+            z = np.concatenate([p[key] for p in parts]).astype(np.float64)
+            ms = float(((z - z.mean(axis=0)) ** 2).sum(axis=1).mean())
+            scale.append(1.0 / np.sqrt(ms) if ms > 1e-12 else 1.0)
+        self.module.block_scale.copy_(torch.tensor(scale, dtype=self.module.block_scale.dtype))
+        self._scale_stale = False
 
     # ---------------------------------------------------------------------------------------------- save / load
     # (the work is done in model/_save.py, which also checks model files before loading them)

@@ -105,6 +105,7 @@ class HistoclipModule(nn.Module):
         fusion: str = "attention",
         use_image: bool = True,
         spatial_context: bool = True,
+        skip_components: int = 0,
     ) -> None:
         super().__init__()
         if temperature <= 0 or spatial_temperature <= 0:
@@ -124,6 +125,11 @@ class HistoclipModule(nn.Module):
         n_components = int(min(n_components, n_inputs))
         self.n_components = n_components
         self.register_buffer("expression_basis", torch.zeros(self.n_inputs, n_components))
+        # the expression skip: principal axes of the log expression (not standardised: the model-free representation
+        # of tl.domains), kept beside the learned joint embedding; and the scales of the two blocks of the output
+        self.skip_components = int(max(0, min(skip_components, n_inputs)))
+        self.register_buffer("skip_basis", torch.zeros(self.n_inputs, self.skip_components))
+        self.register_buffer("block_scale", torch.ones(2))
         self.image_encoder = ImageEncoder(
             image_backbone, weights=weights, freeze=freeze_backbone, in_features=image_in_features
         )
@@ -151,7 +157,29 @@ class HistoclipModule(nn.Module):
         self.use_image = bool(use_image)
         self.spatial_context = bool(spatial_context)
 
+    def init_expression_latent_from_pca(self) -> None:
+        """Start the expression latent at the spot's smoothed principal components: ``0.5 * (own + neighbourhood)``
+        of the first ``embedding_dim`` components (identity blocks, zero bias).
+
+        An untrained or barely trained model is then already the expression PCA it projects, and training moves it from
+        there, so the result depends much less on the seed than from a random start.
+        """
+        lin = self.expression_latent
+        d, k = lin.out_features, self.n_components
+        m = min(d, k)
+        with torch.no_grad():
+            lin.weight.zero_()
+            lin.bias.zero_()
+            idx = torch.arange(m)
+            lin.weight[idx, idx] = 0.5 if self.spatial_context else 1.0
+            if self.spatial_context:
+                lin.weight[idx, k + idx] = 0.5
+
     # ------------------------------------------------------------------------------------------- encoders
+    def skip_projection(self, e: torch.Tensor) -> torch.Tensor:
+        """Projection of standardised inputs ``(B, n_inputs)`` on the skip's principal axes, ``(B, skip_components)``."""
+        return e.float() @ self.skip_basis
+
     def _project(self, e: torch.Tensor) -> torch.Tensor:
         return e.float() @ self.expression_basis
 

@@ -271,7 +271,8 @@ def domains(
         raise ValueError("data is an empty list; pass an AnnData, a SpatialData or a list of them.")
     if copy and any(is_spatialdata(d) for d in items):
         raise ValueError("copy=True is only supported for AnnData input.")
-    if use_rep == "expression_pca":  # the name recorded in params for the model-free path
+    model_free = use_rep == "expression_pca"  # asked for by name (also the name recorded in params)
+    if model_free:
         use_rep = None
     if radius_um is not None and (isinstance(radius_um, str) or not np.isfinite(radius_um) or radius_um < 0):
         raise ValueError(f"radius_um must be a non-negative number of microns (or None), got {radius_um!r}.")
@@ -288,6 +289,8 @@ def domains(
     n_neighbors = 6 if n_neighbors is None else int(n_neighbors)
     all_spots = [_resolve_sections(d, library_key, table_key, spot_diameter_um) for d in items]
     tables = [s.adata for s in all_spots]
+    if use_rep is None and not model_free:
+        use_rep = _embedded_joint(tables)
     if n_hops is None:
         n_hops = 0 if use_rep is not None and all(_has_context(t, use_rep) for t in tables) else 2
     for i, adata in enumerate(tables):
@@ -366,6 +369,32 @@ def domains(
     if copy:
         return targets if is_list else targets[0]
     return None
+
+
+def _embedded_joint(tables: list) -> str | None:
+    """The joint embedding :func:`histoclip.tl.embed` wrote on every table, or ``None`` (then: the expression PCA).
+
+    A table counts when its ``embed`` record names the key it wrote (``modality="all"``) and that key is in ``obsm``
+    with one row per spot; with several tables, all of them must hold the same key.
+    """
+    keys = set()
+    for t in tables:
+        rec = t.uns.get(Key.uns.histoclip, {}).get("params", {}).get("embed", {})
+        key = rec.get("key_added") if isinstance(rec, dict) else None
+        if rec.get("modality", "all") != "all" or not isinstance(key, str) or key not in t.obsm:
+            keys.add(None)
+        else:
+            keys.add(key)
+    if len(keys) != 1 or None in keys:
+        if keys - {None}:
+            logger.warning("domains: only some sections hold a joint embedding from tl.embed; clustering the "
+                           "model-free expression PCA. Embed every section with the same model to cluster the joint.")
+        logger.info("domains: no joint embedding from histoclip.tl.embed; clustering the model-free expression PCA")
+        return None
+    key = keys.pop()
+    logger.info("domains: clustering the joint embedding obsm[%r] written by histoclip.tl.embed "
+                "(use_rep='expression_pca' for the model-free path)", key)
+    return key
 
 
 def _has_context(adata: AnnData, use_rep: str) -> bool:

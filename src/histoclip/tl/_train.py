@@ -50,7 +50,8 @@ def train(
 
     """
     seed = resolve_seed(rng)
-    if model_kwargs.get("image_features_key") is None:  # patches are read from the image the boxes belong to
+    if model_kwargs.get("image_features_key") is None and model_kwargs.get("use_image") is not False:
+        # patches are read from the image the boxes belong to
         patch_image_key(data, model_kwargs.get("table_key", "table"), model_kwargs.get("image_key"))
     with timed("train"):
         model = HistoCLIP(data, **model_kwargs)
@@ -97,15 +98,19 @@ def embed(
 
     Returns
     -------
-    ``None`` or a copy. Sets (float32, ``embedding_dim`` columns each, 32 by default):
+    ``None`` or a copy. Sets (float32):
 
-    - ``obsm["X_histoclip"]``: the joint embedding, the per-spot weighted fusion of the image and expression
-      latents (``modality="all"`` only);
-    - ``obsm["X_histoclip_image"]``: the image latent;
-    - ``obsm["X_histoclip_expression"]``: the expression latent (``modality="all"`` only);
+    - ``obsm["X_histoclip"]``: the joint embedding (``modality="all"`` only), ``skip_components + embedding_dim``
+      columns (42 by default): the spot's expression principal components smoothed over its neighbours (the
+      representation :func:`histoclip.tl.domains` clusters without a model; the expression skip) beside the per-spot
+      weighted fusion of the image and expression latents, each block scaled to unit mean squared norm over the
+      training spots. :func:`histoclip.tl.domains` clusters it by default after this call;
+    - ``obsm["X_histoclip_image"]``: the image latent (``embedding_dim`` columns, 32 by default; absent for a model
+      without an image branch);
+    - ``obsm["X_histoclip_expression"]``: the expression latent (``embedding_dim`` columns; ``modality="all"`` only);
     - ``obs["histoclip_image_weight"]``: the fusion's weight of the image for each spot, in [0, 1] (the expression's
-      is one minus it; ``modality="all"`` only; named ``f"{key_added}_image_weight"`` when ``key_added`` is changed),
-      drawn by :func:`histoclip.pl.image_weight`;
+      is one minus it; ``modality="all"`` only; named ``f"{key_added}_image_weight"`` when ``key_added`` is changed;
+      absent for a model without an image branch), drawn by :func:`histoclip.pl.image_weight`;
     - ``uns["histoclip"]["params"]["embed"]``: the model's settings and training parameters.
 
     """
@@ -114,7 +119,7 @@ def embed(
     if not isinstance(model, HistoCLIP):
         raise TypeError(f"model must be a histoclip HistoCLIP (from histoclip.tl.train), got {type(model).__name__}.")
     model._check_trained()
-    uses_patches = model.init_params.get("image_features_key") is None
+    uses_patches = model.init_params.get("image_features_key") is None and model.init_params.get("use_image", True)
     if uses_patches:
         image_key = patch_image_key(data, model.setup_params["table_key"], image_key)
     with timed("embed"), torch_threads(cpu_threads()), _setup_image_key(model, image_key):
@@ -132,7 +137,8 @@ def embed(
             out = {key_added: z["joint"], f"{key_added}_expression": z["expression"]}
             if "image" in z:
                 out[f"{key_added}_image"] = z["image"]
-            obs[_weight_key(key_added)] = z["image_weight"]
+            if "image_weight" in z:  # absent (not zero-filled) for a model without an image branch
+                obs[_weight_key(key_added)] = z["image_weight"]
     adata = section.spots.adata
     if copy:
         if section.spots.source != "anndata":
