@@ -302,7 +302,8 @@ class HistoCLIP:
             raise ValueError(f"n_neighbors must be at least 1 (or None for context_um), got {n_neighbors}.")
         if patch_px is not None and patch_px < 8:
             raise ValueError(f"patch_px must be at least 8, got {patch_px}.")
-        if isinstance(skip_components, bool) or not isinstance(skip_components, int | np.integer) or skip_components < 0:
+        if (isinstance(skip_components, bool) or not isinstance(skip_components, int | np.integer)
+                or skip_components < 0):
             raise ValueError(f"skip_components must be a non-negative integer (0: no skip), got {skip_components!r}.")
         if init_expression not in ("pca", "random"):
             raise ValueError(f"init_expression must be 'pca' or 'random', got {init_expression!r}.")
@@ -822,8 +823,10 @@ class HistoCLIP:
         return res
 
     def _skip_representation(self, section: _Section, inputs: np.ndarray) -> np.ndarray:
-        """The expression skip: principal components of the log expression, averaged twice over each spot's neighbours
-        within ``skip_radius_um`` (with itself), as :func:`histoclip.tl.domains` smooths the model-free PCA."""
+        """The expression skip: principal components of the log expression, smoothed like the model-free PCA.
+
+        Averaged twice over each spot's neighbours within 150 um (with itself), as :func:`histoclip.tl.domains` does.
+        """
         from ..tl._domains import smooth_features
 
         basis = self.module.skip_basis.detach().cpu().numpy()
@@ -836,8 +839,11 @@ class HistoCLIP:
 
     @torch.inference_mode()
     def _set_block_scale(self, batch_size: int = 512) -> None:
-        """Scale the two blocks of the joint embedding (skip, fused) to unit mean squared norm over the training spots
-        (centred), so that each carries the same weight in the clustering of :func:`histoclip.tl.domains`."""
+        """Scale the two blocks of the joint embedding (skip, fused) to unit mean squared norm over the training spots.
+
+        The blocks are centred first; each then carries the same weight in the clustering of
+        :func:`histoclip.tl.domains`.
+        """
         if self.module.skip_components == 0 or not self._sections:
             return
         parts = [self._embeddings(s, x, batch_size, scaled=False) for s, x in zip(self._sections, self._train_inputs,

@@ -158,10 +158,10 @@ class HistoclipModule(nn.Module):
         self.spatial_context = bool(spatial_context)
 
     def init_expression_latent_from_pca(self) -> None:
-        """Start the expression latent at the spot's smoothed principal components: ``0.5 * (own + neighbourhood)``
-        of the first ``embedding_dim`` components (identity blocks, zero bias).
+        """Start the expression latent at the spot's smoothed principal components.
 
-        An untrained or barely trained model is then already the expression PCA it projects, and training moves it from
+        The latent is ``0.5 * (own + neighbourhood)`` of the first ``embedding_dim`` components (identity blocks, zero
+        bias): an untrained or barely trained model is then already the expression PCA it projects, and training moves it from
         there, so the result depends much less on the seed than from a random start.
         """
         lin = self.expression_latent
@@ -177,7 +177,7 @@ class HistoclipModule(nn.Module):
 
     # ------------------------------------------------------------------------------------------- encoders
     def skip_projection(self, e: torch.Tensor) -> torch.Tensor:
-        """Projection of standardised inputs ``(B, n_inputs)`` on the skip's principal axes, ``(B, skip_components)``."""
+        """Projection of standardised inputs ``(B, n_inputs)`` on the skip's axes, ``(B, skip_components)``."""
         return e.float() @ self.skip_basis
 
     def _project(self, e: torch.Tensor) -> torch.Tensor:
