@@ -239,3 +239,19 @@ def test_a_slide_without_an_image_trains_embeds_clusters_and_plots(tmp_path, cap
     np.testing.assert_allclose(again.get_latent_representation(adata), adata.obsm["X_histoclip"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="without its image branch"):
         hc.tl.embed(adata, model, modality="image")
+
+
+def test_starting_weights_do_not_depend_on_the_training_seed():
+    """init_seed (default 0) fixes the starting weights; rng seeds only the training noise. With lr=0 nothing moves."""
+    adata = hc.datasets.toy(rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+
+    def first_conv(init_seed, rng):
+        model = HistoCLIP(adata, init_seed=init_seed, **TINY)
+        model.train(1, batch_size=64, lr=0.0, rng=rng, accelerator="cpu")
+        return model.module.image_encoder.backbone.features[0].weight.detach().clone()
+
+    torch.testing.assert_close(first_conv(0, 1), first_conv(0, 2))
+    assert not torch.equal(first_conv(None, 1), first_conv(None, 2))  # drawn from rng when init_seed is None
+    with pytest.raises(ValueError, match="init_seed"):
+        HistoCLIP(adata, init_seed=-1, **TINY)

@@ -250,6 +250,12 @@ class HistoCLIP:
         ``"pca"``: the expression latent starts as the spot's smoothed principal components (``0.5 * (own +
         neighbourhood)`` of the first ``embedding_dim``), so an untrained model is already the expression PCA and
         training depends less on the seed; ``"random"``: torch's default initialisation.
+    init_seed
+        Seed of the initial weights of every other layer (torch's default initialisation), independent of the ``rng``
+        of :meth:`train`, which seeds only the order of the spots, augmentation, dropout and the neighbour draws: the
+        model then starts from the same weights whatever the seed, and its domains hardly depend on the seed (on
+        small slides the starting weights, not the training noise, were what moved them; see the docs' benchmarks
+        page). ``None``: the weights are drawn from :meth:`train`'s ``rng``, as the seed-spread benchmark does.
     library_key, library_id, table_key, image_key, shapes_key, coordinate_system
         How to find the spots and images (see :func:`histoclip.pp.extract_patches`).
 
@@ -287,6 +293,7 @@ class HistoCLIP:
         use_image: bool | None = None,
         skip_components: int = 10,
         init_expression: Literal["pca", "random"] = "pca",
+        init_seed: int | None = 0,
         library_key: str | None = None,
         library_id: str | None = None,
         table_key: str = "table",
@@ -307,6 +314,9 @@ class HistoCLIP:
             raise ValueError(f"skip_components must be a non-negative integer (0: no skip), got {skip_components!r}.")
         if init_expression not in ("pca", "random"):
             raise ValueError(f"init_expression must be 'pca' or 'random', got {init_expression!r}.")
+        if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int | np.integer)
+                                      or not 0 <= init_seed < 2**63):
+            raise ValueError(f"init_seed must be a non-negative integer or None (from train's rng), got {init_seed!r}.")
         if use_image is None:  # an image (or image features) when the data has one, else an expression-only model
             use_image = image_features_key is not None or _has_image(data, table_key, library_key, library_id)
             if not use_image:
@@ -341,6 +351,7 @@ class HistoCLIP:
             "use_image": bool(use_image),
             "skip_components": int(skip_components),
             "init_expression": init_expression,
+            "init_seed": None if init_seed is None else int(init_seed),
         }
         self.setup_params: dict[str, Any] = {
             "library_key": library_key,
@@ -574,8 +585,9 @@ class HistoCLIP:
             ``"auto"``: one process unless ``devices > 1`` or running under ``torchrun``; ``"ddp"``: distributed
             data parallel (NCCL on CUDA, gloo on CPU), with every process's embeddings as negatives in the loss.
         rng
-            Seed (or Generator) for weight initialisation, shuffling, augmentation and dropout. The first call
-            initialises the weights from it; later calls continue from the current weights.
+            Seed (or Generator) for shuffling, augmentation, dropout, masking and the neighbour draws (and for the
+            weight initialisation when the model's ``init_seed`` is ``None``). The first call initialises the weights;
+            later calls continue from the current weights.
         checkpoint_dir
             Folder to write a checkpoint to at the end of every epoch: ``model.safetensors`` (what :meth:`save`
             writes) and ``optimizer.safetensors`` (Adam's state), both replaced atomically. Resume an interrupted
@@ -617,7 +629,8 @@ class HistoCLIP:
             self.init_params["weights"] = self._weights_named
         self.predictor_state = {}  # built from the weights about to change
         if not self.is_trained:
-            self.module = self._build_module(seed)
+            init = self.init_params.get("init_seed")
+            self.module = self._build_module(seed if init is None else int(init))
         context = bool(self.init_params["spatial_context"])
         dataset = ConcatDataset([
             # with spatial context each item is [own inputs, neighbourhood mean], built per item from the sparse

@@ -51,6 +51,8 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "patch_px": (8, 2_048),
     "n_neighbors": (1, 1_000),
     "image_in_features": (1, 1_000_000),
+    "skip_components": (0, 200_000),
+    "init_seed": (0, 2**63 - 1),
 }
 GENERIC_INT_BOUND = 10_000_000
 MAX_GENES = 200_000

@@ -173,11 +173,13 @@ def domains(
 ) -> AnnData | list[AnnData] | None:
     """Find spatial domains by clustering a spatially smoothed representation of the spots.
 
-    The representation: ``obsm[use_rep]``, e.g. histoclip's joint embedding ``"X_histoclip"``; by default
-    (``use_rep=None``) the PCA (``n_pcs`` components) of the log-normalised expression of the ``n_genes`` genes with
-    the highest Moran's I, which needs no model and is, on the labelled slides measured so far, as accurate as the
-    joint embedding (``benchmarks/domains.py``; the docs' benchmarks page) and does not depend on the seed. Which one
-    was used is recorded in ``uns["histoclip"]["params"]["domains"]["use_rep"]``.
+    The representation, by default (``use_rep=None``): histoclip's joint embedding ``obsm["X_histoclip"]`` when
+    :func:`histoclip.tl.embed` wrote one (on every section), else the model-free expression PCA: the PCA (``n_pcs``
+    components) of the log-normalised expression of the ``n_genes`` genes with the highest Moran's I, which needs no
+    model. The joint embedding holds that same smoothed PCA beside what the model learned (its expression skip), so
+    it keeps what the model-free path sees (``benchmarks/domains.py``; the docs' benchmarks page). Which one was used
+    is logged and recorded in ``uns["histoclip"]["params"]["domains"]["use_rep"]``; ``use_rep="expression_pca"``
+    asks for the model-free path.
 
     Steps: the representation is averaged ``n_hops`` times over each spot's neighbours within ``radius_um`` microns
     (or its ``n_neighbors`` nearest spots; a sparse graph within each library), reduced to ``n_pcs`` principal
@@ -205,9 +207,9 @@ def domains(
     method
         ``"gmm"``, ``"leiden"`` or ``"kmeans"``.
     use_rep
-        Embedding in ``obsm`` to cluster (e.g. ``"X_histoclip"``, ``"X_histoclip_expression"``, ``"X_pca"``), or
-        ``None`` (or ``"expression_pca"``, the name recorded in the parameters) for the expression PCA described
-        above (needs counts).
+        Embedding in ``obsm`` to cluster (e.g. ``"X_histoclip"``, ``"X_histoclip_expression"``, ``"X_pca"``);
+        ``"expression_pca"`` for the model-free expression PCA described above (needs counts); ``None``: the joint
+        embedding of :func:`histoclip.tl.embed` when there is one, else the expression PCA.
     n_genes, layer
         Expression PCA only: genes kept by Moran's I, and the layer holding raw counts (default ``X``).
     radius_um
@@ -218,7 +220,8 @@ def domains(
         no smoothing.
     n_hops
         Rounds of neighbour averaging before clustering (0: none). ``None``: 0 for histoclip's joint or expression
-        embedding of a model trained with spatial context (the embedding already averages the neighbourhood), else 2.
+        embedding of a model trained with spatial context (the embedding already averages the neighbourhood, and the
+        joint's expression skip is smoothed like the model-free PCA), else 2.
     n_neighbors
         Use the ``n_neighbors`` nearest spots instead of ``radius_um`` (grid-counted, the setting of earlier
         versions).
