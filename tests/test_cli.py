@@ -15,7 +15,7 @@ def test_demo_runs_and_writes_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ARI against the manual layers" in proc.stdout
     result = json.loads((out / "demo_result.json").read_text())
-    assert 0 <= result["ari"] <= 1 and -1 <= result["ari_joint_embedding"] <= 1
+    assert 0 <= result["ari"] <= 1 and -1 <= result["ari_model_free"] <= 1
     assert 0 <= result["image_weight_mean"] <= 1
     assert (out / "dlpfc_151673_histoclip.h5ad").stat().st_size > 1e6
     assert (out / "dlpfc_151673_domains.png").stat().st_size > 1e4
