@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from make_visium_hd_fixture import make_visium_hd, read_visium_hd  # noqa: E402
 
+import histoclip as hc  # noqa: E402
+
 pytest.importorskip("spatialdata_io")
 
 BINS = ("square_002um", "square_008um", "square_016um")
@@ -69,3 +71,92 @@ def test_fixture_reads_one_bin_size_and_has_its_truth(hd_path):
     assert truth.index.equals(table.obs_names)
     x = table.obsm["spatial"][:, 0]
     assert x[truth.to_numpy() == "0"].max() < x[truth.to_numpy() == "2"].min()  # bands left to right
+
+
+# ------------------------------------------------------------------------------------- the HD layout in histoclip
+@pytest.fixture(scope="module")
+def hd(hd_path, one_torch_thread):
+    """The README's ten lines on visium_hd output, unchanged apart from the object passed in (sdata for adata)."""
+    sdata = read_visium_hd(hd_path)
+    truth = pd.read_csv(hd_path / "truth.csv", dtype=str).set_index("barcode")["domain"]
+    sdata.tables["square_008um"].obs["layer"] = pd.Categorical(truth.loc[sdata.tables["square_008um"].obs_names])
+    adata = sdata  # the only change to the ten lines: the object passed in
+    hc.pp.extract_patches(adata, size_um=110)
+    model = hc.tl.train(adata, rng=0, max_epochs=2, batch_size=128, accelerator="cpu")  # few epochs: a test
+    hc.tl.embed(adata, model)
+    hc.pl.image_weight(adata)
+    hc.tl.domains(adata, n_domains=3, rng=0)
+    ari = hc.metrics.adjusted_rand(sdata.tables["square_008um"].obs["layer"],
+                                   sdata.tables["square_008um"].obs["histoclip_domain"])
+    hc.tl.domain_genes(adata)
+    ax = hc.pl.domains(adata, reference="layer")
+    return sdata, model, ari, ax
+
+
+def test_ten_lines_run_on_visium_hd_and_write_to_the_8um_table(hd):
+    sdata, model, ari, ax = hd
+    table = sdata.tables["square_008um"]
+    for key in ("histoclip_patch_box", "X_histoclip", "X_histoclip_image", "X_histoclip_expression"):
+        assert table.obsm[key].shape[0] == 560
+    assert {"histoclip_domain", "histoclip_image_weight"} <= set(table.obs)
+    assert "histoclip_domain_genes" in table.uns
+    for other in ("square_002um", "square_016um"):  # nothing written to the other bin sizes
+        assert "histoclip" not in sdata.tables[other].uns and "X_histoclip" not in sdata.tables[other].obsm
+    assert model.setup_params["table_key"] == "square_008um"
+    assert ari > 0.5, ari  # the three bands are found (expression PCA: the default representation)
+    assert len(ax.images) == 1 and len(ax.collections) == 1
+
+
+def test_bins_give_microns_and_patch_boxes(hd):
+    sdata = hd[0]
+    params = sdata.tables["square_008um"].uns["histoclip"]["params"]["patches"]
+    # the hires image is 0.25 of the 0.5 um/px full resolution: 2 um/px, so 110 um is 55 px
+    assert params["image_key"] == "hd_fixture_hires_image"
+    assert params["um_per_px"]["hd_fixture_square_008um"] == pytest.approx(2.0)
+    assert params["size_px"]["hd_fixture_square_008um"] == 55
+    boxes = sdata.tables["square_008um"].obsm["histoclip_patch_box"]
+    centres = sdata.tables["square_008um"].obsm["spatial"] * 0.25  # bin centres in hires pixels
+    np.testing.assert_allclose((boxes[:, :2] + boxes[:, 2:]) / 2, centres, atol=1.0)
+
+
+def test_16um_bins_by_table_key_and_the_fullres_image(hd_path):
+    sdata = read_visium_hd(hd_path, bin_size=[8, 16])
+    hc.pp.extract_patches(sdata, table_key="square_016um", image_key="hd_fixture_full_image", size_um=64)
+    params = sdata.tables["square_016um"].uns["histoclip"]["params"]["patches"]
+    assert params["um_per_px"]["hd_fixture_square_016um"] == pytest.approx(0.5)  # microns_per_pixel of the fixture
+    assert params["size_px"]["hd_fixture_square_016um"] == 128
+    assert "histoclip" not in sdata.tables["square_008um"].uns
+    hc.tl.domains(sdata, table_key="square_016um", n_domains=3, rng=0)
+    assert sdata.tables["square_016um"].obs["histoclip_domain"].nunique() == 3
+
+
+def test_2um_bins_are_refused_with_a_clear_message(hd_path):
+    sdata = read_visium_hd(hd_path)
+    with pytest.raises(ValueError, match=r"2 um.*bin2cell.*square_008um"):
+        hc.pp.extract_patches(sdata, table_key="square_002um")
+    with pytest.raises(ValueError, match="bin2cell"):
+        hc.tl.domains(sdata, table_key="square_002um")
+    assert "histoclip" not in sdata.tables["square_002um"].uns
+
+
+def test_without_8um_bins_the_default_names_the_choices(hd_path):
+    sdata = read_visium_hd(hd_path, bin_size=[2, 16])
+    with pytest.raises(KeyError, match=r"square_008um.*square_016um"):
+        hc.pp.extract_patches(sdata)
+
+
+def test_squares_without_a_bin_name_need_the_side_in_microns(hd_path):
+    from spatialdata import SpatialData
+    from spatialdata.models import TableModel
+
+    sdata = read_visium_hd(hd_path, bin_size=8)
+    table = sdata.tables["square_008um"].copy()
+    table.obs["region"] = pd.Categorical(["bins"] * table.n_obs)
+    del table.uns["spatialdata_attrs"]
+    table = TableModel.parse(table, region="bins", region_key="region", instance_key="location_id")
+    renamed = SpatialData(shapes={"bins": sdata.shapes["hd_fixture_square_008um"]},
+                          images={"he": sdata.images["hd_fixture_hires_image"]}, tables={"table": table})
+    with pytest.raises(ValueError, match="spot_diameter_um"):
+        hc.pp.extract_patches(renamed, size_um=110)
+    hc.pp.extract_patches(renamed, size_um=110, spot_diameter_um=8)
+    assert renamed.tables["table"].uns["histoclip"]["params"]["patches"]["um_per_px"]["bins"] == pytest.approx(2.0)

@@ -245,7 +245,9 @@ def domains(
         With several sections: ``"center"`` subtracts each section's mean representation before smoothing;
         ``None`` pools the sections as they are.
     table_key
-        SpatialData only: the table.
+        SpatialData only: the table. Visium HD (``spatialdata_io.visium_hd``, one table per bin size): the 8 um bins
+        ``"square_008um"`` unless another is named, e.g. ``"square_016um"``; 2 um bins are refused (see
+        :doc:`/visium_hd`).
     key_added
         Column of ``obs`` to write.
     rng
