@@ -160,3 +160,87 @@ def test_squares_without_a_bin_name_need_the_side_in_microns(hd_path):
         hc.pp.extract_patches(renamed, size_um=110)
     hc.pp.extract_patches(renamed, size_um=110, spot_diameter_um=8)
     assert renamed.tables["table"].uns["histoclip"]["params"]["patches"]["um_per_px"]["bins"] == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------ large N: fit on a sample
+def _blobs(n: int, n_genes: int, seed: int = 0):
+    """Counts of three spatial bands (sparse, ~30 UMIs per spot) with coordinates on a grid of 8 um pitch (pixels)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    xy = np.column_stack([np.arange(n) % side, np.arange(n) // side]).astype(float) * 16.0
+    band = np.minimum((xy[:, 0] / (side * 16.0) * 3).astype(int), 2)
+    rate = np.full((3, n_genes), 0.05)
+    for d in range(3):
+        rate[d, d * 10:(d + 1) * 10] = 0.6
+    counts = sp.csr_matrix(rng.poisson(rate[band]).astype(np.float32))
+    return counts, xy, band
+
+
+def test_below_the_sample_size_nothing_changes():
+    from sklearn.decomposition import PCA
+
+    from histoclip.pp._genes import FIT_SAMPLE, expression_matrix, fit_rows, select_genes
+    from histoclip.tl._domains import expression_pca
+
+    assert FIT_SAMPLE == 50_000 and fit_rows(50_000) is None and fit_rows(50_001).size == 50_000
+    counts, xy, _ = _blobs(900, 60)
+    got = expression_pca(counts, [f"g{i}" for i in range(60)], xy, np.zeros(900), n_genes=40, n_pcs=5, seed=0)
+    import anndata as ad
+
+    tmp = ad.AnnData(counts, var=pd.DataFrame(index=[f"g{i}" for i in range(60)]))
+    tmp.obsm["spatial"] = xy
+    x = expression_matrix(tmp, select_genes(tmp, 40))  # the recipe without sampling
+    want = PCA(5, svd_solver="covariance_eigh").fit_transform(x)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("method", ["gmm", "kmeans", "leiden"])
+def test_clustering_is_fitted_on_a_sample_and_every_spot_assigned(monkeypatch, method):
+    from histoclip.tl._domains import cluster
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 0.3, (400, 4)) for c in (0.0, 3.0, 6.0)]).astype(np.float32)
+    full, _ = cluster(x, 3, method, 0, n_init=3)
+    monkeypatch.setattr("histoclip.pp._genes.FIT_SAMPLE", 300)
+    sampled, extra = cluster(x, 3, method, 0, n_init=3)
+    assert extra["fit_sample"] == 300 and "_model" not in extra
+    assert sampled.shape == (1200,) and len(set(sampled)) == 3
+    assert hc.metrics.adjusted_rand(full, sampled) > 0.95
+
+
+def test_expression_pca_on_a_sample_never_densifies_spots_by_genes(monkeypatch):
+    import tracemalloc
+
+    from histoclip.tl._domains import expression_pca
+
+    n, g = 20_000, 400
+    counts, xy, band = _blobs(n, g)
+    genes = [f"g{i}" for i in range(g)]
+    groups = np.where(np.arange(n) < n // 2, "a", "b")
+    monkeypatch.setattr("histoclip.pp._genes.FIT_SAMPLE", 2_000)
+    monkeypatch.setattr("histoclip.tl._domains._CHUNK", 2_000)
+    tracemalloc.start()
+    pcs = expression_pca(counts, genes, xy, groups, n_genes=300, n_pcs=5, seed=0, center=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    dense = n * 300 * 4  # one float32 spots x kept-genes matrix
+    assert peak < dense / 2, (peak, dense)
+    assert pcs.shape == (n, 5) and np.isfinite(pcs).all()
+    from sklearn.cluster import KMeans
+
+    labels = KMeans(3, n_init=5, random_state=0).fit_predict(pcs)  # the bands are still separated
+    assert hc.metrics.adjusted_rand(band, labels) > 0.9
+
+
+def test_domains_on_a_sample_agree_with_the_full_fit(hd_path, monkeypatch, one_torch_thread):
+    sdata = read_visium_hd(hd_path, bin_size=8)
+    hc.tl.domains(sdata, n_domains=3, rng=0, key_added="full")
+    monkeypatch.setattr("histoclip.pp._genes.FIT_SAMPLE", 300)
+    monkeypatch.setattr("histoclip.tl._domains._CHUNK", 100)
+    hc.tl.domains(sdata, n_domains=3, rng=0, key_added="sampled")
+    table = sdata.tables["square_008um"]
+    assert table.uns["histoclip"]["params"]["domains"]["fit_sample"] == 300
+    assert hc.metrics.adjusted_rand(table.obs["full"], table.obs["sampled"]) > 0.8
+
