@@ -244,3 +244,31 @@ def test_domains_on_a_sample_agree_with_the_full_fit(hd_path, monkeypatch, one_t
     assert table.uns["histoclip"]["params"]["domains"]["fit_sample"] == 300
     assert hc.metrics.adjusted_rand(table.obs["full"], table.obs["sampled"]) > 0.8
 
+
+# ----------------------------------------------------------------------------------------------- plots at large N
+def test_many_spots_are_drawn_as_one_raster_image(hd, monkeypatch):
+    from matplotlib.colors import to_rgba
+
+    sdata = hd[0]
+    table = sdata.tables["square_008um"]
+    circles = hc.pl.domains(sdata)
+    monkeypatch.setattr("histoclip.pl._utils.RASTER_ABOVE", 100)  # the fixture's 560 bins count as "many"
+    ax = hc.pl.domains(sdata)
+    assert len(ax.collections) == 0 and len(ax.images) == 2  # the H&E, then the bins as one image
+    assert ax.get_xlim() == circles.get_xlim() and ax.get_ylim() == circles.get_ylim()
+    raster = ax.images[1].get_array()
+    x0, x1, y1, y0 = ax.images[1].get_extent()
+    cell = (x1 - x0) / raster.shape[1]
+    assert cell == pytest.approx(4.0)  # one 8 um bin: 4 px of the 2 um/px hires image
+    colors = hc.pl._utils.palette([str(c) for c in table.obs["histoclip_domain"].cat.categories])
+    xy = table.obsm["spatial"] * 0.25
+    for i in (0, 100, 400):  # the cell under a bin has that bin's domain colour
+        r, c = int((xy[i, 1] - y0) / cell), int((xy[i, 0] - x0) / cell)
+        want = to_rgba(colors[table.obs["histoclip_domain"].iloc[i]])
+        np.testing.assert_allclose(raster[r, c, :3], want[:3], atol=1e-6)
+        assert raster[r, c, 3] == pytest.approx(0.85)
+    weights = hc.pl.image_weight(sdata)  # continuous values: the mean per cell, with a colour bar's mappable
+    img = weights.images[1].get_array()
+    w = table.obs["histoclip_image_weight"].to_numpy()
+    assert np.nanmin(img) == pytest.approx(w.min(), rel=1e-5) and np.nanmax(img) == pytest.approx(w.max(), rel=1e-5)
+    assert np.isfinite(np.asarray(img)).sum() == 560

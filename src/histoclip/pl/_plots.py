@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from .._constants import Key
 from .._utils import categories_of, get_table
 from ._utils import (
+    RASTER_ABOVE,
     category_handles,
     draw_slide,
     finish,
@@ -223,7 +224,8 @@ def embedding(
     vals = series.astype(str).to_numpy()
     for c in cats:
         sel = vals == c
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colors[c], label=c, linewidths=0)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colors[c], label=c, linewidths=0,
+                   rasterized=len(xy) > RASTER_ABOVE)  # a saved figure of a million points stays small
     ax.legend(title=color, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=2.5)
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")

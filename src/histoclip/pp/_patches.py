@@ -105,7 +105,9 @@ def extract_patches(
         (from ``spatialdata_io.visium`` or ``spatialdata_io.visium_hd``); with SpatialData, results go to the table
         ``table_key``.
     size_um
-        Side of the square patch in microns. Default: two spot diameters (130 um for Visium: see ``spot_diameter_um``).
+        Side of the square patch in microns. Default: two spot diameters (130 um for Visium: see
+        ``spot_diameter_um``; for Visium HD bins two bin sides, 16 um for 8 um bins, which holds a few cells: pass
+        a larger ``size_um`` for more tissue context).
     img_key
         AnnData only: which image in ``uns["spatial"][library_id]["images"]`` to cut from (``"hires"``,
         ``"lowres"``), or ``"fullres"`` for the file set with :func:`histoclip.io.set_fullres_image`.
@@ -188,6 +190,12 @@ def _spot_um(spots: SpotData, spot_diameter_um: float | None) -> float:
 
     if spot_diameter_um is not None:
         return float(spot_diameter_um)
+    if spots.source == "spatialdata":  # Visium HD: the bin's side, named by the table or the shapes
+        from ..io._slide import hd_bin_um
+
+        b = hd_bin_um(spots.keys.get("table_key")) or hd_bin_um(spots.keys.get("shapes_key"))
+        if b is not None:
+            return b
     if spots.source == "anndata":
         spatial = spots.adata.uns.get(Key.uns.spatial, {})
         for s in spots.slides:
