@@ -225,7 +225,9 @@ def markdown(result: dict) -> str:
     lines = ["| N | stage | time (s) | peak RSS (GiB) | load avg (before, after) | note |", "|---|---|---|---|---|---|"]
     for n, run in result["runs"].items():
         for stage in STAGES:
-            r = run.get(stage, {})
+            if stage not in run:  # left out with --stages
+                continue
+            r = run[stage]
             if "seconds" not in r:
                 note = r.get("error", r.get("skipped", ""))[:90]
                 lines.append(f"| {int(n):,} | {stage} | - | - | - | {note} |")
@@ -237,8 +239,9 @@ def markdown(result: dict) -> str:
             load = r.get("loadavg_1min", ["", ""])
             lines.append(f"| {int(n):,} | {stage} | {r['seconds']:.2f} | {r['peak_rss_mb'] / 1024:.2f} | "
                          f"{load[0]}, {load[1]} | {note} |")
-        e2e = sum(run.get(st, {}).get("seconds", 0.0) for st in ("extract", "train", "embed", "domains"))
-        lines.append(f"| {int(n):,} | **extract + train + embed + domains** | **{e2e:.1f}** | | | calls only |")
+        done = [st for st in ("extract", "train", "embed", "domains") if "seconds" in run.get(st, {})]
+        e2e = sum(run[st]["seconds"] for st in done)
+        lines.append(f"| {int(n):,} | **{' + '.join(done)}** | **{e2e:.1f}** | | | calls only |")
     ratio = result.get("time_ratio_100k_over_10k", {})
     out = ["\n".join(lines), ""]
     if ratio:
