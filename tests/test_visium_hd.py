@@ -272,3 +272,22 @@ def test_many_spots_are_drawn_as_one_raster_image(hd, monkeypatch):
     w = table.obs["histoclip_image_weight"].to_numpy()
     assert np.nanmin(img) == pytest.approx(w.min(), rel=1e-5) and np.nanmax(img) == pytest.approx(w.max(), rel=1e-5)
     assert np.isfinite(np.asarray(img)).sum() == 560
+
+
+def test_gene_ranking_on_a_sample_is_the_ranking_of_that_sample(monkeypatch):
+    import anndata as ad
+
+    from histoclip.pp._genes import fit_rows, select_genes
+
+    counts, xy, _ = _blobs(3000, 120)
+    adata = ad.AnnData(counts, var=pd.DataFrame(index=[f"g{i}" for i in range(120)]))
+    adata.obsm["spatial"] = xy
+    full = select_genes(adata, 20)
+    monkeypatch.setattr("histoclip.pp._genes.FIT_SAMPLE", 1000)
+    sampled = select_genes(adata, 20)
+    rows = fit_rows(3000)  # seed 0, as select_genes draws it
+    sub = adata[rows].copy()
+    monkeypatch.setattr("histoclip.pp._genes.FIT_SAMPLE", 50_000)
+    assert sampled == select_genes(sub, 20)
+    markers = {f"g{i}" for i in range(30)}  # the band genes (equally spatial, so their order among them is noise)
+    assert set(full) <= markers and set(sampled) <= markers
