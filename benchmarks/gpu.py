@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--accelerator", default="cuda")
     p.add_argument("--sizes", type=int, nargs="*", default=[100_000])
     p.add_argument("--out", default=str(HERE / "results" / "gpu.json"))
+    p.add_argument("--hd-depth", type=float, default=None, metavar="UMIS",
+                   help="thin the tiled slides' counts to about UMIS per spot (Visium HD depth, e.g. 200)")
+    p.add_argument("--skip-dlpfc", action="store_true", help="only the tiled slides")
     args = p.parse_args()
     hc.settings.progress = False
     if args.accelerator.startswith("cuda") and not torch.cuda.is_available():
@@ -74,8 +77,9 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "accelerator": args.accelerator, "runs": {}}
     t0 = time.perf_counter()
-    result["runs"]["dlpfc_151673"] = run(hc.datasets.dlpfc(), args.accelerator, "layer")
-    print(json.dumps(result["runs"]["dlpfc_151673"]), flush=True)
+    if not args.skip_dlpfc:
+        result["runs"]["dlpfc_151673"] = run(hc.datasets.dlpfc(), args.accelerator, "layer")
+        print(json.dumps(result["runs"]["dlpfc_151673"]), flush=True)
     spec = importlib.util.spec_from_file_location("speed", HERE / "speed.py")
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
@@ -84,10 +88,11 @@ def main() -> None:
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "tiled.h5ad"
-            speed.build_slide(n, path)
+            speed.build_slide(n, path, umis_per_spot=args.hd_depth)
             adata = ad.read_h5ad(path)
-            result["runs"][f"tiled_{n}"] = run(adata, args.accelerator, None)
-            print(json.dumps(result["runs"][f"tiled_{n}"]), flush=True)
+            key = f"tiled_{n}" + (f"_hd{args.hd_depth:g}" if args.hd_depth else "")
+            result["runs"][key] = run(adata, args.accelerator, None)
+            print(json.dumps(result["runs"][key]), flush=True)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=float))

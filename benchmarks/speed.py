@@ -18,6 +18,14 @@ cost measurement, not an accuracy one).
 The 1-minute load average before and after each stage is recorded, so runs on a busy machine show as such.
 
     python benchmarks/speed.py [--sizes 1000 10000 100000] [--threads 1]
+
+Visium HD depth (issue 23; not run by default): ``--hd-depth 200`` thins every spot's counts to ~200 UMIs
+(binomial, each tile drawn anew, so tiles differ) and writes ``results/speed_hd.*``; the rows asked for are
+
+    nice -n 10 python benchmarks/speed.py --hd-depth 200 --sizes 20000 300000 1000000 --stages baseline extract \
+        train embed domains
+
+(1M needs ~1.5 GB of thinned counts and a 10k x 10k px tiled image; check free memory first.)
 """
 
 from __future__ import annotations
@@ -37,7 +45,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("baseline", "extract", "train", "embed", "domains", "predict")
 
 
-def build_slide(n: int, path: Path, seed: int = 0) -> dict:
+def thin(x, umis: float, gen):
+    """Binomial thinning of each row of a CSR count matrix to about ``umis`` counts (rows below keep theirs)."""
+    import numpy as np
+
+    x = x.tocsr().astype(np.float32)
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    p = np.minimum(1.0, umis / np.maximum(totals, 1.0))
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    x.data = gen.binomial(x.data.astype(np.int64), p[rows]).astype(np.float32)
+    x.eliminate_zeros()
+    return x
+
+
+def build_slide(n: int, path: Path, seed: int = 0, umis_per_spot: float | None = None) -> dict:
     import numpy as np
     import scipy.sparse as sp
 
@@ -51,25 +72,30 @@ def build_slide(n: int, path: Path, seed: int = 0) -> dict:
     k = max(1, math.ceil(math.sqrt(n / a.n_obs)))
     h, w = img.shape[:2]
     gen = np.random.default_rng(seed)
-    coords, blocks = [], []
+    coords = []
     for ty in range(k):
         for tx in range(k):
             xy = a.obsm["spatial"].astype(np.float64) + np.array([tx * w / scalef, ty * h / scalef])
             coords.append(xy + gen.normal(0, 2.0, size=xy.shape))
-            blocks.append(sp.csr_matrix(a.X))
+    take = np.sort(gen.choice(k * k * a.n_obs, size=n, replace=False))  # the same draws as when counts were tiled
+    xy = np.concatenate(coords)[take]
+    blocks = []  # only the rows taken are built, so 1M spots never hold k * k copies of the slide's counts
+    for t in range(k * k):
+        rows = take[(take >= t * a.n_obs) & (take < (t + 1) * a.n_obs)] - t * a.n_obs
+        block = sp.csr_matrix(a.X)[rows]
+        blocks.append(thin(block, umis_per_spot, gen) if umis_per_spot else block)  # each tile thinned anew
     x = sp.vstack(blocks).tocsr()
-    xy = np.concatenate(coords)
-    take = np.sort(gen.choice(x.shape[0], size=n, replace=False))
     import anndata as ad
 
-    out = ad.AnnData(X=x[take], var=a.var.copy())
+    out = ad.AnnData(X=x, var=a.var.copy())
     out.obs_names = [f"s{i}" for i in range(n)]
-    out.obsm["spatial"] = xy[take]
+    out.obsm["spatial"] = xy
     out.uns["spatial"] = {lib: {"images": {"lowres": np.tile(img, (k, k, 1))},
                                 "scalefactors": dict(entry["scalefactors"]),
                                 "metadata": dict(entry.get("metadata", {}))}}
     out.write_h5ad(path)
-    return {"k": k, "image_shape": list(out.uns["spatial"][lib]["images"]["lowres"].shape), "n_genes": out.n_vars}
+    return {"k": k, "image_shape": list(out.uns["spatial"][lib]["images"]["lowres"].shape), "n_genes": out.n_vars,
+            "umis_per_spot_median": float(np.median(np.asarray(x.sum(axis=1)).ravel())), "nnz": int(x.nnz)}
 
 
 def run_stage(stage: str, work: Path) -> dict:
@@ -110,7 +136,8 @@ def run_stage(stage: str, work: Path) -> dict:
         else:
             hc.tl.predict_expression(adata, model, method="retrieval")  # the stage the results measured
     elif stage == "domains":
-        adata.obsm["X_histoclip"] = np.load(work / "embedding.npy")
+        if (work / "embedding.npy").exists():  # absent when the stages run leave out train and embed
+            adata.obsm["X_histoclip"] = np.load(work / "embedding.npy")
         t = time.perf_counter()
         hc.tl.domains(adata)
         extra = {"n_domains_found": int(adata.obs["histoclip_domain"].nunique())}
@@ -198,7 +225,9 @@ def markdown(result: dict) -> str:
     lines = ["| N | stage | time (s) | peak RSS (GiB) | load avg (before, after) | note |", "|---|---|---|---|---|---|"]
     for n, run in result["runs"].items():
         for stage in STAGES:
-            r = run.get(stage, {})
+            if stage not in run:  # left out with --stages
+                continue
+            r = run[stage]
             if "seconds" not in r:
                 note = r.get("error", r.get("skipped", ""))[:90]
                 lines.append(f"| {int(n):,} | {stage} | - | - | - | {note} |")
@@ -210,8 +239,9 @@ def markdown(result: dict) -> str:
             load = r.get("loadavg_1min", ["", ""])
             lines.append(f"| {int(n):,} | {stage} | {r['seconds']:.2f} | {r['peak_rss_mb'] / 1024:.2f} | "
                          f"{load[0]}, {load[1]} | {note} |")
-        e2e = sum(run.get(st, {}).get("seconds", 0.0) for st in ("extract", "train", "embed", "domains"))
-        lines.append(f"| {int(n):,} | **extract + train + embed + domains** | **{e2e:.1f}** | | | calls only |")
+        done = [st for st in ("extract", "train", "embed", "domains") if "seconds" in run.get(st, {})]
+        e2e = sum(run[st]["seconds"] for st in done)
+        lines.append(f"| {int(n):,} | **{' + '.join(done)}** | **{e2e:.1f}** | | | calls only |")
     ratio = result.get("time_ratio_100k_over_10k", {})
     out = ["\n".join(lines), ""]
     if ratio:
@@ -228,6 +258,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/OpenMP threads per stage (1: on a shared, oversubscribed VM 2 threads ran ~5x slower)")
+    ap.add_argument("--hd-depth", type=float, default=None, metavar="UMIS",
+                    help="thin each spot's counts (binomial, each tile anew) to about UMIS, e.g. 200 for Visium HD "
+                         "8 um bins; results go to speed_hd.json/.md/.png")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="stages to run (e.g. leave out predict at 1M)")
     ap.add_argument("--report-only", action="store_true", help="rewrite speed.md from speed.json")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -235,12 +270,13 @@ def main() -> None:
     if args.stage:
         print(json.dumps(run_stage(args.stage, args.work)))
         return
+    name = "speed_hd" if args.hd_depth else "speed"
     if args.report_only:
-        result = json.loads((RESULTS / "speed.json").read_text())
+        result = json.loads((RESULTS / f"{name}.json").read_text())
         add_ratios(result)
-        (RESULTS / "speed.json").write_text(json.dumps(result, indent=2))
-        (RESULTS / "speed.md").write_text(markdown(result))
-        plot(result, RESULTS / "speed.png")
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{name}.md").write_text(markdown(result))
+        plot(result, RESULTS / f"{name}.png")
         return
     import torch
 
@@ -249,7 +285,10 @@ def main() -> None:
     result: dict = {
         "what": "wall time of each histoclip call and peak RSS of its fresh subprocess, per number of spots",
         "data": "DLPFC 151673 (bundled) tiled k x k with its lowres image tiled the same way, coordinates offset per "
-                "tile + N(0, 2 px) jitter, then N spots drawn without replacement",
+                "tile + N(0, 2 px) jitter, then N spots drawn without replacement"
+                + (f"; counts binomially thinned to ~{args.hd_depth:g} UMIs per spot (Visium HD depth)"
+                   if args.hd_depth else ""),
+        "umis_per_spot": args.hd_depth,
         "memory": "peak RSS (resource.getrusage ru_maxrss) of a fresh subprocess per stage; includes imports and "
                   "reading the h5ad (see 'baseline')",
         "settings": "every default (2000 Moran genes with spatial context, small CNN at the automatic patch_px, "
@@ -266,9 +305,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"hc-speed-{n}-") as tmp:
             work = Path(tmp)
             t = time.perf_counter()
-            info = build_slide(n, work / "slide.h5ad")
+            info = build_slide(n, work / "slide.h5ad", umis_per_spot=args.hd_depth)
             run: dict = {"slide": {**info, "build_seconds": time.perf_counter() - t}}
             for stage in STAGES:
+                if stage not in args.stages:
+                    continue
                 if stage == "predict" and not result["predict_expression"]:
                     run[stage] = {"skipped": "histoclip.tl.predict_expression does not exist yet"}
                     continue
@@ -277,13 +318,13 @@ def main() -> None:
             run["end_to_end_seconds"] = sum(r.get("process_seconds", 0.0) for r in run.values() if isinstance(r, dict))
             result["runs"][str(n)] = run
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "speed.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     add_ratios(result)
     result["peak_rss_gib_max"] = max(r.get("peak_rss_mb", 0) for run in result["runs"].values()
                                      for r in run.values() if isinstance(r, dict)) / 1024
-    (RESULTS / "speed.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "speed.png")
-    (RESULTS / "speed.md").write_text(markdown(result))
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{name}.png")
+    (RESULTS / f"{name}.md").write_text(markdown(result))
     print(json.dumps(result, indent=2))
 
 

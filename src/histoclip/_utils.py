@@ -147,6 +147,9 @@ def get_table(data: Any, table_key: str = "table") -> AnnData:
     from anndata import AnnData
 
     if type(data).__name__ == "SpatialData" and hasattr(data, "tables"):
+        from .io._slide import resolve_table_key
+
+        table_key = resolve_table_key(data, table_key)  # Visium HD: the 8 um bins by default; 2 um refused
         if table_key not in data.tables:
             raise KeyError(
                 f"SpatialData has no table {table_key!r}; tables: {list(data.tables.keys())}. Pass table_key=...."

@@ -6,6 +6,7 @@ and one :class:`Slide` per library with spot centres in the pixel frame of the c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -382,6 +383,59 @@ def set_fullres_image(adata: AnnData, path: str | Path, *, library_id: str | Non
 
 
 # ------------------------------------------------------------------------------------------------ SpatialData
+DEFAULT_HD_TABLE = "square_008um"
+_HD_BIN = re.compile(r"(?:^|_)square_(\d{3})um$")
+_HD_MIN_BIN_UM = 8.0
+_HD_LOGGED: set[int] = set()
+
+
+def hd_bin_um(name: str | None) -> float | None:
+    """The bin size in microns named by a Visium HD table or shapes key (``square_008um``, ``<id>_square_016um``)."""
+    m = _HD_BIN.search(str(name)) if name is not None else None
+    return float(m.group(1)) if m else None
+
+
+def resolve_table_key(data: Any, table_key: str = "table") -> str:
+    """The table of a SpatialData that histoclip reads and writes, with the Visium HD default and checks.
+
+    ``spatialdata_io.visium_hd`` writes one table per bin size (``square_002um``, ``square_008um``,
+    ``square_016um``) and no ``"table"``: when ``table_key`` is the default ``"table"`` and there is no such table,
+    the 8 um bins (``"square_008um"``) are used, the size Space Ranger and 10x's own analyses default to (pass
+    ``table_key="square_016um"`` for 16 um bins). 2 um bins are refused: with a few counts each they are the input of
+    cell segmentation (bin2cell, Space Ranger's ``segmented_outputs``), not spots to train on or cluster.
+    Anything else (an AnnData; a SpatialData with a table ``table_key``) is returned unchanged.
+    """
+    if not _is_spatialdata(data):
+        return table_key
+    tables = list(data.tables.keys())
+    bins = {k: hd_bin_um(k) for k in tables if hd_bin_um(k) is not None}
+    if table_key == "table" and "table" not in data.tables and bins:
+        if DEFAULT_HD_TABLE not in data.tables:
+            usable = [k for k, b in bins.items() if b >= _HD_MIN_BIN_UM]
+            raise KeyError(
+                f"SpatialData has the Visium HD tables {list(bins)} but not the 8 um bins {DEFAULT_HD_TABLE!r}, "
+                f"histoclip's default; pass table_key= naming one of {usable or list(bins)} (read the 8 um bins "
+                "with spatialdata_io.visium_hd(path, bin_size=[8, 16]))."
+            )
+        if id(data) not in _HD_LOGGED:
+            _HD_LOGGED.add(id(data))
+            logger.info("Visium HD: using the 8 um bins (table %r, the default); pass table_key='square_016um' for "
+                        "16 um bins.", DEFAULT_HD_TABLE)
+        table_key = DEFAULT_HD_TABLE
+    b = bins.get(table_key)
+    if b is not None and b < _HD_MIN_BIN_UM:
+        larger = [k for k, v in bins.items() if v >= _HD_MIN_BIN_UM]
+        raise ValueError(
+            f"Table {table_key!r} holds Visium HD bins of {b:g} um. Bins below {_HD_MIN_BIN_UM:g} um carry a few "
+            "counts each and are the input of cell segmentation (bin2cell, or Space Ranger's segmented_outputs), "
+            "not spots for histoclip; they are refused rather than aggregated here, because Space Ranger already "
+            f"writes the aggregates. Use the 8 um bins (table_key={DEFAULT_HD_TABLE!r}, the default) or 16 um "
+            f"(table_key='square_016um'){'; this object has ' + str(larger) if larger else ''}, or segment cells "
+            "first and pass that table."
+        )
+    return table_key
+
+
 def _affine(element: Any, cs: str) -> np.ndarray:
     from spatialdata.transformations import get_transformation
 
@@ -404,6 +458,7 @@ def _resolve_spatialdata(
     spot_diameter_um: float | None,
     need_image: bool,
 ) -> SpotData:
+    table_key = resolve_table_key(sdata, table_key)
     tables = list(sdata.tables.keys())
     if table_key not in sdata.tables:
         raise KeyError(
@@ -457,10 +512,8 @@ def _resolve_spatialdata(
             f"of shapes {shapes_key!r} (first: {list(missing)})."
         )
     geom = shapes.geometry.iloc[pos]
-    if not (geom.geom_type == "Point").all() or "radius" not in shapes.columns:
-        raise ValueError(f"Shapes {shapes_key!r} must be circles (Point geometry with a 'radius' column).")
-    xy = np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()]).astype(np.float64)
-    radius = shapes["radius"].to_numpy()[pos].astype(np.float64)
+    xy, radius = _spot_centres(geom, shapes, pos, shapes_key)
+    bin_um = hd_bin_um(table_key) or hd_bin_um(shapes_key)  # Visium HD: the bin's side is its "spot diameter"
 
     images = list(sdata.images.keys())
     if image_key is None:
@@ -509,8 +562,13 @@ def _resolve_spatialdata(
             f"The spots of shapes {shapes_key!r} have a median diameter of {diameter_px:.3g} image pixels (radius "
             f"column median {float(np.median(radius)):.3g}); the 'radius' column must hold positive spot radii."
         )
+    if spot_diameter_um is None and bin_um is None and not (geom.geom_type == "Point").all():
+        raise ValueError(
+            f"Shapes {shapes_key!r} are squares but neither their name nor the table's ({table_key!r}) gives the bin "
+            "size (Visium HD names them '<id>_square_008um'); pass spot_diameter_um= the side of a square in microns."
+        )
     if spot_diameter_um is None:
-        spot_diameter_um = DEFAULT_SPOT_DIAMETER_UM
+        spot_diameter_um = bin_um if bin_um is not None else DEFAULT_SPOT_DIAMETER_UM
     spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um",
                                        _SPOT_FIX)
     um_per_px = float(spot_diameter_um) / diameter_px
@@ -527,6 +585,30 @@ def _resolve_spatialdata(
     keys = {"table_key": table_key, "image_key": image_key, "shapes_key": shapes_key,
             "coordinate_system": coordinate_system}
     return SpotData(table, [slide], None, "spatialdata", keys)
+
+
+def _spot_centres(geom: Any, shapes: Any, pos: np.ndarray, shapes_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (x, y) and radii of circles (Point + ``radius``) or of squares (Visium HD bins: half the side)."""
+    kinds = set(pd.unique(geom.geom_type))
+    if kinds == {"Point"} and "radius" in shapes.columns:
+        xy = np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()]).astype(np.float64)
+        return xy, shapes["radius"].to_numpy()[pos].astype(np.float64)
+    if kinds == {"Polygon"}:
+        b = geom.bounds.to_numpy(dtype=np.float64)  # minx, miny, maxx, maxy
+        w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        area = geom.area.to_numpy(dtype=np.float64)
+        square = (np.abs(w - h) <= 1e-3 * np.maximum(w, h)) & (np.abs(area - w * h) <= 1e-3 * w * h)
+        if not square.all():
+            raise ValueError(
+                f"Shapes {shapes_key!r} are polygons but {int((~square).sum())} of them are not axis-aligned squares "
+                "(Visium HD bins are); histoclip takes circles (Point geometry with a 'radius' column) or bin squares."
+            )
+        xy = np.column_stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2])
+        return xy, w / 2.0
+    raise ValueError(
+        f"Shapes {shapes_key!r} must be circles (Point geometry with a 'radius' column) or Visium HD bin squares "
+        f"(Polygon); found geometry types {sorted(kinds)}."
+    )
 
 
 def several_regions_key(table: AnnData) -> str | None:

@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from .._constants import Key
 from .._utils import categories_of, get_table
 from ._utils import (
+    RASTER_ABOVE,
     category_handles,
     draw_slide,
     finish,
@@ -71,7 +72,8 @@ def domains(
     spot_diameter_um
         Spot diameter in microns, as in :func:`histoclip.pp.extract_patches`.
     table_key, image_key
-        SpatialData only: the table, and the image drawn under the spots (default: the one the patches were cut
+        SpatialData only: the table (Visium HD: the 8 um bins ``"square_008um"`` unless another is named), and the
+        image drawn under the spots (default: the one the patches were cut
         from, else the only one, or the one ending in ``hires_image``). When the table annotates several regions,
         each region (its shapes key is the library id) is drawn over an image sharing a coordinate system with its
         shapes (the one the patches were cut from, the only one, or the one whose name holds ``hires_image``);
@@ -187,7 +189,9 @@ def embedding(
     rng
         Seed of the UMAP layout.
     table_key
-        SpatialData only: the table.
+        SpatialData only: the table. Visium HD (``spatialdata_io.visium_hd``, one table per bin size): the 8 um bins
+        ``"square_008um"`` unless another is named, e.g. ``"square_016um"``; 2 um bins are refused (see
+        :doc:`/visium_hd`).
     ax, save
         Axes to draw into and path to save to.
 
@@ -220,7 +224,8 @@ def embedding(
     vals = series.astype(str).to_numpy()
     for c in cats:
         sel = vals == c
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colors[c], label=c, linewidths=0)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colors[c], label=c, linewidths=0,
+                   rasterized=len(xy) > RASTER_ABOVE)  # a saved figure of a million points stays small
     ax.legend(title=color, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=2.5)
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")

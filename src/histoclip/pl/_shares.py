@@ -40,7 +40,9 @@ def domain_shares(
     reference
         Categorical ``obs`` column whose colours the domains take, as ``reference=`` of :func:`histoclip.pl.domains`.
     table_key
-        SpatialData only: the table.
+        SpatialData only: the table. Visium HD (``spatialdata_io.visium_hd``, one table per bin size): the 8 um bins
+        ``"square_008um"`` unless another is named, e.g. ``"square_016um"``; 2 um bins are refused (see
+        :doc:`/visium_hd`).
     ax, save
         Axes to draw into and path to save to.
 

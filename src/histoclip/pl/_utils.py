@@ -55,14 +55,21 @@ def draw_slide(
     max_image_px: int = 1500,
     show_image: bool = True,
 ):
-    """Draw ``slide``'s image (downsampled) and its spots as circles of their true size, coloured by ``values``."""
+    """Draw ``slide``'s image (downsampled) and its spots as circles of their true size, coloured by ``values``.
+
+    Above :data:`RASTER_ABOVE` spots (Visium HD bins) the spots are drawn as one image instead (see
+    :func:`_draw_raster`), which takes about a second for a million of them.
+    """
     scale = 1.0
     if show_image and slide.image is not None:
         thumb, scale = slide.image.thumbnail(max_image_px)
         ax.imshow(thumb, extent=(-0.5 * 1, thumb.shape[1] - 0.5, thumb.shape[0] - 0.5, -0.5))
     xy = slide.coords * scale
     d = spot_diameter_um / slide.um_per_px * scale if np.isfinite(slide.um_per_px) else 1.0
-    if categorical:
+    if len(xy) > RASTER_ABOVE:
+        mappable = _draw_raster(ax, xy, d, values, categorical=categorical, colors=colors, cmap=cmap, vmin=vmin,
+                                vmax=vmax, alpha=alpha, max_px=RASTER_PX)
+    elif categorical:
         face = [colors.get(v, (0.8, 0.8, 0.8, 1.0)) for v in values]
         coll = EllipseCollection(np.full(len(xy), d), np.full(len(xy), d), np.zeros(len(xy)), units="xy",
                                  offsets=xy, offset_transform=ax.transData, facecolors=face, alpha=alpha,
@@ -83,6 +90,49 @@ def draw_slide(
     ax.set_xticks([])
     ax.set_yticks([])
     return mappable
+
+
+RASTER_ABOVE = 50_000  # more spots than this are drawn as one image (Visium HD bins), fewer as circles
+RASTER_PX = 2000  # the raster's longest side at most, in cells
+
+
+def _draw_raster(ax: Axes, xy: np.ndarray, d: float, values: np.ndarray, *, categorical: bool, colors: dict | None,
+                 cmap: str, vmin: float | None, vmax: float | None, alpha: float, max_px: int):
+    """Draw many spots as one image: a grid of cells of one spot's size (coarser when that exceeds ``max_px``).
+
+    Each cell takes the colour of the spot in it (categorical: the last spot drawn when several share a cell, the
+    case only when the grid is coarser than the spots) or the mean of their values (continuous); empty cells are
+    transparent. Time and memory grow with the spots plus the cells, so a million bins draw in about a second
+    (``benchmarks/plot_speed.py``) where a million circles take minutes; saved figures stay small.
+    Returns the image as the mappable for continuous values (for a colour bar), else ``None``.
+    """
+    x0, y0 = xy[:, 0].min() - d / 2, xy[:, 1].min() - d / 2
+    span = max(xy[:, 0].max() + d / 2 - x0, xy[:, 1].max() + d / 2 - y0)
+    cell = max(d, span / max_px)
+    nx = int(np.ceil((xy[:, 0].max() + d / 2 - x0) / cell))
+    ny = int(np.ceil((xy[:, 1].max() + d / 2 - y0) / cell))
+    ix = np.clip(((xy[:, 0] - x0) / cell).astype(np.int64), 0, nx - 1)
+    iy = np.clip(((xy[:, 1] - y0) / cell).astype(np.int64), 0, ny - 1)
+    flat = iy * nx + ix
+    extent = (x0, x0 + nx * cell, y0 + ny * cell, y0)
+    if categorical:
+        from matplotlib.colors import to_rgba
+
+        codes, uniq = pd.factorize(pd.Series(np.asarray(values)))
+        table = np.array([to_rgba((colors or {}).get(v, (0.8, 0.8, 0.8, 1.0))) for v in uniq] + [(0, 0, 0, 0)])
+        table[:-1, 3] *= alpha
+        codes = np.where(codes < 0, len(uniq), codes)  # missing values: transparent
+        img = np.zeros((ny * nx, 4), dtype=np.float32)
+        img[flat] = table[codes]
+        ax.imshow(img.reshape(ny, nx, 4), extent=extent, origin="upper", interpolation="nearest")
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    sums = np.bincount(flat[ok], weights=v[ok], minlength=nx * ny)
+    cnt = np.bincount(flat[ok], minlength=nx * ny)
+    mean = np.divide(sums, cnt, out=np.full(nx * ny, np.nan), where=cnt > 0)
+    return ax.imshow(mean.reshape(ny, nx), extent=extent, origin="upper", interpolation="nearest", cmap=cmap,
+                     vmin=vmin, vmax=vmax, alpha=alpha)
 
 
 # ------------------------------------------------------------------------------------------ several sections

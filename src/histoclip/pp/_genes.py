@@ -15,6 +15,21 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 TARGET_SUM = 1e4
+FIT_SAMPLE = 50_000  # above this many spots, gene ranking, PCA and mixtures are fitted on a seeded sample of them
+
+
+def fit_rows(n: int, seed: int = 0, max_n: int | None = None) -> np.ndarray | None:
+    """Sorted rows of a seeded sample of ``max_n`` (default :data:`FIT_SAMPLE`) of ``n`` spots, if ``n > max_n``.
+
+    ``None`` means: fit on all spots, exactly as without sampling.
+    At Visium HD scale (a capture area holds ~1M 8 um bins) statistics that only need the shape of the data (which
+    genes vary in space, the principal axes, a mixture's components) are fitted on the sample; every spot is then
+    assigned (projected, predicted), so nothing of size spots x genes or spots x spots is ever dense.
+    """
+    max_n = FIT_SAMPLE if max_n is None else int(max_n)
+    if n <= max_n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, max_n, replace=False))
 
 
 def counts_matrix(adata: AnnData, layer: str | None = None) -> sp.csr_matrix:
@@ -62,7 +77,9 @@ def select_genes(
     genes by about 0.2 ARI for domains: dispersion-based selection picks immunoglobulin and haemoglobin genes whose
     few high spots form noise clusters, while Moran's I keeps genes that vary smoothly across the tissue.
     ``flavor="seurat"`` is scanpy's dispersion ranking. Genes detected in fewer than three spots are never chosen;
-    when the data hold fewer genes than asked, all detected genes are returned (in ``var_names`` order).
+    when the data hold fewer genes than asked, all detected genes are returned (in ``var_names`` order). Above
+    50 000 spots (Visium HD bins) genes are ranked on a fixed random sample of 50 000 of them (seed 0; the k-NN
+    graph is the sample's), so memory does not grow with spots x genes.
     """
     import scanpy as sc
     from anndata import AnnData
@@ -82,6 +99,10 @@ def select_genes(
     names = np.asarray(adata.var_names)[detected]
     if detected.sum() <= n_top_genes:
         return list(names)
+    rows = fit_rows(adata.n_obs)  # large N: genes are ranked on a fixed (seed 0) sample of FIT_SAMPLE spots
+    if rows is not None:
+        logger.info("select_genes: ranking genes on a sample of %d of %d spots.", rows.size, adata.n_obs)
+        x = x[rows]
     logx = log_normalize(x)[:, detected]
     if flavor == "seurat":
         tmp = AnnData(logx)
@@ -95,6 +116,8 @@ def select_genes(
 
         xy = check_spatial(adata)
         groups = adata.obs[library_key].astype(str).to_numpy() if library_key is not None else np.zeros(len(xy))
+        if rows is not None:
+            xy, groups = xy[rows], groups[rows]
         score = np.zeros(names.size)
         for g in np.unique(groups):
             idx = np.flatnonzero(groups == g)

@@ -102,9 +102,12 @@ def extract_patches(
     ----------
     data
         AnnData in the scanpy/squidpy layout (``obsm["spatial"]``, ``uns["spatial"]``) or a SpatialData object
-        (from ``spatialdata_io.visium``); with SpatialData, results go to the table ``table_key``.
+        (from ``spatialdata_io.visium`` or ``spatialdata_io.visium_hd``); with SpatialData, results go to the table
+        ``table_key``.
     size_um
-        Side of the square patch in microns. Default: two spot diameters (130 um for Visium: see ``spot_diameter_um``).
+        Side of the square patch in microns. Default: two spot diameters (130 um for Visium: see
+        ``spot_diameter_um``; for Visium HD bins two bin sides, 16 um for 8 um bins, which holds a few cells: pass
+        a larger ``size_um`` for more tissue context).
     img_key
         AnnData only: which image in ``uns["spatial"][library_id]["images"]`` to cut from (``"hires"``,
         ``"lowres"``), or ``"fullres"`` for the file set with :func:`histoclip.io.set_fullres_image`.
@@ -121,7 +124,11 @@ def extract_patches(
         for legacy ST.
     table_key, image_key, shapes_key, coordinate_system
         SpatialData only: the table, the image (default: the only one, or the one ending in ``hires_image``),
-        the spot circles (default: the element the table annotates) and the coordinate system used to align them.
+        the spot circles or Visium HD bin squares (default: the element the table annotates) and the coordinate
+        system used to align them. Visium HD (``spatialdata_io.visium_hd``, one table per bin size): the 8 um bins
+        ``"square_008um"`` unless another table is named (``"square_016um"``); 2 um bins are refused; patches are
+        centred on the bin squares and microns come from the bin size (the square's side), so ``size_um`` keeps its
+        meaning (see :doc:`/visium_hd`).
         A multiscale image (e.g. ``image_key="<id>_full_image"`` from ``spatialdata_io.visium(...,
         fullres_image_file=...)``) gets boxes in its full-resolution pixels; when patches are read, each comes from
         the coarsest pyramid level that still holds the model's patch size in pixels (a 32-pixel patch of a
@@ -183,6 +190,12 @@ def _spot_um(spots: SpotData, spot_diameter_um: float | None) -> float:
 
     if spot_diameter_um is not None:
         return float(spot_diameter_um)
+    if spots.source == "spatialdata":  # Visium HD: the bin's side, named by the table or the shapes
+        from ..io._slide import hd_bin_um
+
+        b = hd_bin_um(spots.keys.get("table_key")) or hd_bin_um(spots.keys.get("shapes_key"))
+        if b is not None:
+            return b
     if spots.source == "anndata":
         spatial = spots.adata.uns.get(Key.uns.spatial, {})
         for s in spots.slides:
@@ -210,6 +223,9 @@ def patch_image_key(data, table_key: str = "table", image_key: str | None = None
     the recorded one is a :class:`ValueError`, and so is naming none when the object holds several images and
     nothing is recorded; without ``strict`` the recorded image wins (a differing ``image_key`` is logged).
     """
+    from ..io._slide import resolve_table_key
+
+    table_key = resolve_table_key(data, table_key)
     if not (type(data).__name__ == "SpatialData" and hasattr(data, "tables")) or table_key not in data.tables:
         return image_key
     table = data.tables[table_key]

@@ -69,7 +69,9 @@ def domain_shares(
         A domain counts as present on a section when it holds at least this fraction of the section's labelled
         spots (default 2%: a few stray spots do not count as presence).
     table_key
-        SpatialData only: the table.
+        SpatialData only: the table. Visium HD (``spatialdata_io.visium_hd``, one table per bin size): the 8 um bins
+        ``"square_008um"`` unless another is named, e.g. ``"square_016um"``; 2 um bins are refused (see
+        :doc:`/visium_hd`).
     key_added
         Key in ``uns`` for the table.
     copy

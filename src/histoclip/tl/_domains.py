@@ -11,6 +11,7 @@ from .._constants import Key
 from .._settings import logger
 from .._utils import RNGLike, resolve_seed, timed, write_results
 from ..io._slide import resolve
+from ..pp._genes import fit_rows
 from ..pp._graph import knn_graph, radius_graph, row_normalize, spot_coords_um
 
 if TYPE_CHECKING:
@@ -73,24 +74,62 @@ def cluster(
     seed: int,
     covariance_type: str = "tied",
     n_init: int = 20,
+    *,
+    _model: bool = False,
 ) -> tuple[np.ndarray, dict]:
-    """Cluster rows of ``x`` into ``n_domains`` groups; returns string labels and extra parameters."""
+    """Cluster rows of ``x`` into ``n_domains`` groups; returns string labels and extra parameters.
+
+    Above :data:`~histoclip.pp._genes.FIT_SAMPLE` rows the clustering is fitted on a seeded sample of that many and
+    every row is then assigned (``predict`` of the mixture or k-means; for leiden, the majority of the 15 nearest
+    sampled rows); ``extra["fit_sample"]`` records the sample size. Below it, nothing changes.
+    """
+    if method not in ("gmm", "kmeans", "leiden"):
+        raise ValueError(f"method must be 'gmm', 'leiden' or 'kmeans', got {method!r}.")
+    rows = fit_rows(x.shape[0], seed)
+    if rows is not None:  # large N (Visium HD): fit on a seeded sample, then assign every spot
+        logger.info("domains: %s fitted on a sample of %d of %d spots, then every spot assigned.", method,
+                    rows.size, x.shape[0])
+        labels, extra = cluster(x[rows], n_domains, method, seed, covariance_type, n_init, _model=True)
+        return _assign(x, rows, labels, extra.pop("_model")), {**extra, "fit_sample": int(rows.size)}
     if method == "gmm":
         from sklearn.mixture import GaussianMixture
 
         gm = GaussianMixture(n_domains, covariance_type=covariance_type, n_init=n_init, random_state=seed,
                              reg_covar=1e-4, max_iter=300)
         labels = gm.fit_predict(x)
-        return labels.astype(str), {"covariance_type": covariance_type, "n_init": n_init}
+        return labels.astype(str), {"covariance_type": covariance_type, "n_init": n_init, **_kept(_model, gm)}
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        labels = KMeans(n_domains, n_init=10, random_state=seed).fit_predict(x)
-        return labels.astype(str), {}
-    if method == "leiden":
-        labels, res = _leiden_n(x, n_domains, seed)
-        return labels, {"resolution": res}
-    raise ValueError(f"method must be 'gmm', 'leiden' or 'kmeans', got {method!r}.")
+        km = KMeans(n_domains, n_init=10, random_state=seed)
+        labels = km.fit_predict(x)
+        return labels.astype(str), _kept(_model, km)
+    labels, res = _leiden_n(x, n_domains, seed)
+    return labels, {"resolution": res, **_kept(_model, None)}
+
+
+def _kept(keep: bool, model) -> dict:
+    return {"_model": model} if keep else {}
+
+
+def _assign(x: np.ndarray, rows: np.ndarray, labels: np.ndarray, model, chunk: int = 200_000) -> np.ndarray:
+    """Labels of every row of ``x`` from a clustering fitted on ``x[rows]``.
+
+    The mixture's or k-means' ``predict`` (in chunks), or for leiden the majority label of the 15 nearest sampled
+    spots.
+    """
+    out = np.empty(x.shape[0], dtype=labels.dtype)
+    if model is None:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        model = KNeighborsClassifier(n_neighbors=min(15, rows.size)).fit(x[rows], labels)
+        for a in range(0, x.shape[0], chunk):
+            out[a:a + chunk] = model.predict(x[a:a + chunk])
+        out[rows] = labels  # the sampled spots keep their own label
+        return out
+    for a in range(0, x.shape[0], chunk):
+        out[a:a + chunk] = model.predict(x[a:a + chunk]).astype(str)
+    return out
 
 
 def center_by_group(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -117,7 +156,9 @@ def expression_pca(
 
     ``counts`` (spots x genes) with spot centres ``coords`` and one group (library) label per spot: the Moran's I
     graph stays within each group, and ``center`` subtracts each group's mean expression before the PCA. The PCA is
-    exact (eigenvectors of the gene covariance), so the result does not depend on the seed.
+    exact (eigenvectors of the gene covariance), so the result does not depend on the seed. Above
+    :data:`~histoclip.pp._genes.FIT_SAMPLE` spots (Visium HD bins) genes are ranked and the axes fitted on a sample
+    of that many (drawn with ``seed``), then every spot is projected in chunks: no dense spots x genes matrix.
     """
     import anndata as ad
     from sklearn.decomposition import PCA
@@ -125,6 +166,10 @@ def expression_pca(
     from ..pp._genes import expression_matrix, select_genes
 
     groups = np.asarray(groups).astype(str)
+    rows = fit_rows(counts.shape[0], seed)
+    if rows is not None:  # large N (Visium HD): never a dense spots x genes matrix
+        return _expression_pca_sampled(counts, var_names, coords, groups, rows, n_genes=n_genes, n_pcs=n_pcs,
+                                       seed=seed, center=center)
     tmp = ad.AnnData(counts, var=pd.DataFrame(index=pd.Index(var_names).astype(str)))
     tmp.obsm["spatial"] = coords
     lib = None
@@ -138,6 +183,65 @@ def expression_pca(
     n = min(n_pcs, x.shape[1], x.shape[0] - 1)
     solver = "covariance_eigh" if x.shape[1] <= 5000 else "randomized"
     return PCA(n, svd_solver=solver, random_state=seed).fit_transform(x).astype(np.float32)
+
+
+_CHUNK = 50_000  # spots densified at a time (for the kept genes only) when projecting a large slide
+
+
+def _expression_pca_sampled(counts, var_names, coords, groups, rows, *, n_genes, n_pcs, seed, center) -> np.ndarray:
+    """:func:`expression_pca` with genes ranked and principal axes fitted on ``rows``, then every spot projected.
+
+    Each chunk of spots is log-normalised (by its totals over all genes), densified for the kept genes only, centred
+    (each group's mean over all its spots, with ``center``) and projected; memory is the sample's and one chunk's.
+    """
+    import anndata as ad
+    from sklearn.decomposition import PCA
+
+    from ..pp._genes import counts_matrix, log_normalize, select_genes
+
+    logger.info("expression PCA: genes and axes fitted on a sample of %d of %d spots, then every spot projected.",
+                rows.size, counts.shape[0])
+    var = pd.DataFrame(index=pd.Index(var_names).astype(str))
+    sample = ad.AnnData(counts[rows], var=var)
+    sample.obsm["spatial"] = coords[rows]
+    lib = None
+    if np.unique(groups).size > 1:
+        sample.obs["_hc_library"] = groups[rows]
+        lib = "_hc_library"
+    genes = select_genes(sample, n_genes, library_key=lib)
+    x = counts_matrix(ad.AnnData(counts, var=var))  # CSR float32 (shared with counts when it already is one)
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    if (totals <= 0).any():
+        logger.warning("%d of %d spots have zero counts; they are kept and their log-normalised expression is zero.",
+                       int((totals <= 0).sum()), totals.size)
+    idx = var.index.get_indexer(genes)
+    chunk = _CHUNK
+
+    def dense(a: int, b: int) -> np.ndarray:
+        return np.asarray(log_normalize(x[a:b][:, idx], totals[a:b]).toarray(), dtype=np.float32)
+
+    means = None
+    if center and lib is not None:  # exact per-group means over all spots, accumulated chunk by chunk
+        codes, uniq = pd.factorize(pd.Series(groups))
+        sums = np.zeros((uniq.size, len(genes)), dtype=np.float64)
+        for a in range(0, x.shape[0], chunk):
+            c = codes[a:a + chunk]
+            sums += sp.csr_matrix((np.ones(c.size), (c, np.arange(c.size))), shape=(uniq.size, c.size)) @ dense(
+                a, a + chunk)
+        means = (sums / np.bincount(codes, minlength=uniq.size)[:, None]).astype(np.float32)
+    fit = np.asarray(log_normalize(x[rows][:, idx], totals[rows]).toarray(), dtype=np.float32)
+    if means is not None:
+        fit -= means[codes[rows]]
+    n = min(n_pcs, fit.shape[1], fit.shape[0] - 1)
+    pca = PCA(n, svd_solver="covariance_eigh" if fit.shape[1] <= 5000 else "randomized", random_state=seed).fit(fit)
+    del fit
+    out = np.empty((x.shape[0], n), dtype=np.float32)
+    for a in range(0, x.shape[0], chunk):
+        block = dense(a, a + chunk)
+        if means is not None:
+            block -= means[codes[a:a + chunk]]
+        out[a:a + chunk] = pca.transform(block)
+    return out
 
 
 def _relabel(labels: np.ndarray) -> pd.Categorical:
@@ -248,7 +352,9 @@ def domains(
         With several sections: ``"center"`` subtracts each section's mean representation before smoothing;
         ``None`` pools the sections as they are.
     table_key
-        SpatialData only: the table.
+        SpatialData only: the table. Visium HD (``spatialdata_io.visium_hd``, one table per bin size): the 8 um bins
+        ``"square_008um"`` unless another is named, e.g. ``"square_016um"``; 2 um bins are refused (see
+        :doc:`/visium_hd`).
     key_added
         Column of ``obs`` to write.
     rng

@@ -66,7 +66,9 @@ def match_labels(
     key_added
         ``obs`` column to write (default ``f"{key}_matched"``).
     table_key
-        SpatialData only: the table.
+        SpatialData only: the table. Visium HD (``spatialdata_io.visium_hd``, one table per bin size): the 8 um bins
+        ``"square_008um"`` unless another is named, e.g. ``"square_016um"``; 2 um bins are refused (see
+        :doc:`/visium_hd`).
     copy
         Return a copy instead of writing to ``data`` (AnnData only).
 

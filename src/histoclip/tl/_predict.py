@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .._constants import Key
 from .._settings import logger
-from .._utils import timed, write_results
+from .._utils import get_table, timed, write_results
 from ..model import HistoCLIP
 from ..model._predict import (
     _context,
@@ -34,7 +34,7 @@ def _ensure_features(query, model: HistoCLIP) -> None:
     key = model.init_params.get("image_features_key")
     if key is None:
         return
-    table = query.tables[model.setup_params["table_key"]] if hasattr(query, "tables") else query
+    table = get_table(query, model.setup_params["table_key"])
     if key in table.obsm:
         return
     fp = model.patch_settings.get("image_features")

@@ -5,7 +5,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .._constants import Key
-from .._utils import RNGLike, resolve_seed, timed, write_results
+from .._utils import RNGLike, is_spatialdata, resolve_seed, timed, write_results
+from ..io._slide import resolve_table_key
 from ..model import HistoCLIP
 from ..pp._patches import patch_image_key
 from ..train._loop import cpu_threads, torch_threads
@@ -50,6 +51,8 @@ def train(
 
     """
     seed = resolve_seed(rng)
+    if is_spatialdata(data):  # Visium HD: the model records the bins' table ("square_008um" by default), not "table"
+        model_kwargs["table_key"] = resolve_table_key(data, model_kwargs.get("table_key", "table"))
     if model_kwargs.get("image_features_key") is None and model_kwargs.get("use_image") is not False:
         # patches are read from the image the boxes belong to
         patch_image_key(data, model_kwargs.get("table_key", "table"), model_kwargs.get("image_key"))
