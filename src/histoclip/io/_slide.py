@@ -17,6 +17,7 @@ from anndata import AnnData
 from .._constants import Key
 from .._settings import logger
 from ._image import ImageSource, MultiscaleImageSource, open_image
+from ._platform import NAMES, SPACING_UM, infer_platform
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -38,6 +39,8 @@ class Slide:
     um_per_px: float  # microns per pixel of ``image``
     img_key: str
     image: ImageSource | None = None
+    platform: str = "unknown"  # "visium", "st", "visium_hd" or "unknown" (see histoclip.io._platform)
+    spot_diameter_um: float = float("nan")  # the platform's spot (bin) diameter in microns
 
 
 @dataclass
@@ -263,11 +266,37 @@ def positive_number(value: Any, what: str, fix: str) -> float:
     return v
 
 
-def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str) -> float:
+def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str,
+                       xy: np.ndarray | None = None) -> float:
+    """Microns per full-resolution pixel of library ``lib`` (see :func:`_fullres_scale`)."""
+    return _fullres_scale(scalefactors, meta, spot_diameter_um, lib, xy)[0]
+
+
+def _fullres_scale(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str,
+                   xy: np.ndarray | None = None, array: np.ndarray | None = None) -> tuple[float, str, float]:
+    """Microns per full-resolution pixel, the platform and its spot diameter in microns, for library ``lib``.
+
+    ``spot_diameter_um=`` wins, then ``scalefactors["microns_per_pixel"]`` (Visium HD), then
+    ``metadata["spot_diameter_um"]``; with none of them, the platform is inferred from the spot lattice ``xy`` and
+    ``spot_diameter_fullres`` (:func:`histoclip.io._platform.infer_platform`): logged, and a warning when it is a
+    guess.
+    """
     where = f"adata.uns['spatial'][{lib!r}]"
     if spot_diameter_um is None and "microns_per_pixel" in scalefactors:
-        return positive_number(scalefactors["microns_per_pixel"], f"{where}['scalefactors']['microns_per_pixel']",
-                               "Fix it from the Space Ranger scalefactors_json.json, or pass spot_diameter_um=....")
+        um = positive_number(scalefactors["microns_per_pixel"], f"{where}['scalefactors']['microns_per_pixel']",
+                             "Fix it from the Space Ranger scalefactors_json.json, or pass spot_diameter_um=....")
+        fullres = scalefactors.get("spot_diameter_fullres")
+        bin_um = um * float(fullres) if isinstance(fullres, int | float) and fullres > 0 else float("nan")
+        return um, "visium_hd", bin_um
+    if spot_diameter_um is None and "spot_diameter_um" not in meta and xy is not None:
+        fullres = scalefactors.get("spot_diameter_fullres")
+        if fullres is not None:
+            positive_number(fullres, f"{where}['scalefactors']['spot_diameter_fullres']",
+                            "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
+                            "spatial/scalefactors_json.json.")
+        p = infer_platform(xy, scalefactors, meta, array)
+        _log_platform(lib, p.how, p.guess)
+        return p.um_per_unit, p.name, p.spot_diameter_um
     if "spot_diameter_fullres" not in scalefactors:
         raise KeyError(
             f"adata.uns['spatial'][{lib!r}]['scalefactors'] has no 'spot_diameter_fullres' (keys: "
@@ -284,7 +313,42 @@ def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float |
                               f"{where}['scalefactors']['spot_diameter_fullres']",
                               "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
                               "spatial/scalefactors_json.json.")
-    return spot_diameter_um / fullres
+    return spot_diameter_um / fullres, _given_platform(spot_diameter_um), spot_diameter_um
+
+
+def _given_platform(spot_diameter_um: float) -> str:
+    """The platform a spot diameter given by the user stands for (recorded only)."""
+    for name, um in Key.SPOT_DIAMETER_UM.items():
+        if np.isclose(spot_diameter_um, um):
+            return name
+    return "unknown"
+
+
+def _log_platform(lib: str, how: str, guess: bool) -> None:
+    if guess:
+        logger.warning("Library %r: %s. This is a guess: pass spot_diameter_um= (%s) if it is wrong.", lib, how,
+                       _SPOT_VALUES)
+    else:
+        logger.info("Library %r: %s (pass spot_diameter_um= to override).", lib, how)
+
+
+def _scale_without_scalefactors(xy: np.ndarray, spot_diameter_um: float | None, lib: str) -> tuple[float, str, float]:
+    """Microns per unit of ``obsm["spatial"]`` when there is no ``uns["spatial"]``: from the spot lattice alone."""
+    try:
+        p = infer_platform(xy)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} Or fill adata.uns['spatial'][{lib!r}] = {{'scalefactors': {{'spot_diameter_fullres': ...}}}}."
+        ) from None
+    if spot_diameter_um is None:
+        _log_platform(lib, p.how + " (no adata.uns['spatial'])", p.guess)
+        return p.um_per_unit, p.name, p.spot_diameter_um
+    spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", _SPOT_FIX)
+    spacing_um = spot_diameter_um * SPACING_UM.get(p.name, SPACING_UM["visium"]) / p.spot_diameter_um
+    um = spacing_um / p.lattice.spacing
+    logger.info("Library %r: no adata.uns['spatial']; %s spots of %g um on a %s grid %.4g units apart: %.4g um per "
+                "unit.", lib, NAMES[p.name], spot_diameter_um, p.lattice.kind, p.lattice.spacing, um)
+    return um, p.name, spot_diameter_um
 
 
 def _resolve_anndata(
@@ -308,8 +372,15 @@ def _resolve_anndata(
                 "scanpy.read_visium / squidpy.read.visium (or spatialdata_io.visium and pass the SpatialData object), "
                 "or fill adata.uns['spatial'][library_id] = {'images': {...}, 'scalefactors': {...}}."
             )
-        lib = library_id or "library"
-        return SpotData(adata, [Slide(lib, np.arange(adata.n_obs), xy, float("nan"), "none")], library_key)
+        if library_key is not None:
+            rows = _library_rows(adata, [], None, library_key)
+        else:
+            rows = {library_id or "library": np.arange(adata.n_obs)}
+        slides = []
+        for lib, idx in rows.items():
+            um, platform, spot_um = _scale_without_scalefactors(xy[idx], spot_diameter_um, lib)
+            slides.append(Slide(lib, idx, xy[idx], um, "none", None, platform, spot_um))
+        return SpotData(adata, slides, library_key)
     rows = _library_rows(adata, libs, library_id, library_key)
     slides = []
     for lib, idx in rows.items():
@@ -317,9 +388,11 @@ def _resolve_anndata(
         images = dict(entry.get("images", {}) or {})
         meta = dict(entry.get("metadata", {}) or {})
         scalefactors = dict(entry.get("scalefactors", {}) or {})
-        um_full = _um_per_fullres_px(scalefactors, meta, spot_diameter_um, lib)
+        array = adata.obs[["array_row", "array_col"]].to_numpy()[idx] if {"array_row", "array_col"} <= set(
+            adata.obs.columns) else None
+        um_full, platform, spot_um = _fullres_scale(scalefactors, meta, spot_diameter_um, lib, xy[idx], array)
         if not need_image and img_key is None and not images:
-            slides.append(Slide(lib, idx, xy[idx], um_full, "fullres"))
+            slides.append(Slide(lib, idx, xy[idx], um_full, "fullres", None, platform, spot_um))
             continue
         key = _pick_img_key(lib, images, img_key, meta)
         if key == "fullres":
@@ -341,7 +414,7 @@ def _resolve_anndata(
             else:
                 arr = images[key]
                 image = ImageSource(arr, layout="yx" if np.ndim(arr) == 2 else "yxc", name=f"{lib}/{key}")
-        slides.append(Slide(lib, idx, xy[idx] * scalef, um_full / scalef, key, image))
+        slides.append(Slide(lib, idx, xy[idx] * scalef, um_full / scalef, key, image, platform, spot_um))
     return SpotData(adata, slides, library_key)
 
 
