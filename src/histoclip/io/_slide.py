@@ -138,14 +138,68 @@ def check_unique_var_names(adata: AnnData, what: str = "adata") -> None:
                   "scanpy.read_visium and spatialdata_io.visium do it unless told not to", what)
 
 
-def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "adata") -> None:
-    """A table counts can be read from: unique gene names, and ``layer`` (if given) among its layers."""
+def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "adata", *, values: bool = True) -> None:
+    """Check a table counts can be read from: unique gene names and ``layer`` (if given) among its layers.
+
+    With ``values``, also warn when the counts there are not integers (:func:`check_raw_counts`).
+    """
     check_unique_var_names(adata, what)
     if layer is not None and layer not in adata.layers:
         raise KeyError(
             f"Layer {layer!r} not found; {what}.layers has {list(adata.layers.keys())}. Pass layer= naming the layer "
             "that holds raw counts, or layer=None for adata.X."
         )
+    if values:
+        check_raw_counts(adata, layer, what)
+
+
+def _sample_values(x: Any, n: int = 200_000) -> np.ndarray:
+    """Up to ``n`` stored non-zero values of a matrix (of its first 2000 rows when dense)."""
+    import scipy.sparse as sp
+
+    if x is None:
+        return np.zeros(0)
+    if sp.issparse(x):
+        data = x.data if hasattr(x, "data") else sp.csr_matrix(x).data
+        return np.asarray(data[:n], dtype=np.float64)
+    arr = np.asarray(x[: min(x.shape[0], 2000)], dtype=np.float64).ravel()
+    return arr[arr != 0][:n]
+
+
+def _looks_like_counts(x: Any) -> bool:
+    v = _sample_values(x)
+    return v.size > 0 and bool(np.isfinite(v).all()) and v.min() >= 0 and bool(np.allclose(v, np.round(v), atol=1e-3))
+
+
+def check_raw_counts(adata: AnnData, layer: str | None = None, what: str = "adata") -> None:
+    """Warn when the counts histoclip reads (``X`` or ``layer``) are not integers: normalised or log-transformed.
+
+    histoclip normalises raw counts itself (``log1p(counts / total * 1e4)``); counts normalised before are normalised
+    twice. The warning names a layer (or ``adata.raw``) that holds integer counts, when there is one. Negative values
+    are an error where the counts are read (:func:`histoclip.pp._genes.counts_matrix`).
+    """
+    x = adata.layers[layer] if layer is not None else adata.X
+    v = _sample_values(x)
+    if v.size == 0 or not np.isfinite(v).all() or v.min() < 0 or np.allclose(v, np.round(v), atol=1e-3):
+        return
+    where = f"{what}.layers[{layer!r}]" if layer is not None else f"{what}.X"
+    frac = float(np.mean(np.abs(v - np.round(v)) > 1e-3))
+    counts_layers = [k for k in adata.layers if k != layer and _looks_like_counts(adata.layers[k])]
+    if counts_layers:
+        fix = f"{what}.layers[{counts_layers[0]!r}] holds integer counts: pass layer={counts_layers[0]!r}."
+    elif layer is not None and _looks_like_counts(adata.X):
+        fix = f"{what}.X holds integer counts: pass layer=None."
+    elif adata.raw is not None and adata.raw.shape == adata.shape and _looks_like_counts(adata.raw.X):
+        fix = (f"{what}.raw holds integer counts: use them, e.g. {what}.layers['counts'] = {what}.raw.X.copy(), then "
+               "pass layer='counts'.")
+    else:
+        fix = ("Keep the raw counts (e.g. adata.layers['counts'] = adata.X.copy() before sc.pp.normalize_total / "
+               "sc.pp.log1p, or read them again from Space Ranger's filtered_feature_bc_matrix.h5) and pass "
+               "layer='counts'.")
+    logger.warning(
+        "%s is not integer counts (%.0f%% of the values in a sample are fractional, max %.3g): it looks normalised or "
+        "log-transformed. histoclip normalises raw counts itself, so these would be normalised twice. %s",
+        where, 100 * frac, float(v.max()), fix)
 
 
 def check_unique_obs_names(adata: AnnData, what: str = "adata") -> None:
@@ -313,7 +367,37 @@ def _fullres_scale(scalefactors: dict, meta: dict, spot_diameter_um: float | Non
                               f"{where}['scalefactors']['spot_diameter_fullres']",
                               "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
                               "spatial/scalefactors_json.json.")
+    if xy is not None:
+        _check_spot_spacing(xy, spot_diameter_um / fullres, spot_diameter_um, fullres, lib)
     return spot_diameter_um / fullres, _given_platform(spot_diameter_um), spot_diameter_um
+
+
+def _check_spot_spacing(xy: np.ndarray, um_per_px: float, spot_diameter_um: float, fullres: float, lib: str) -> None:
+    """Warn when a given spot diameter puts the spots of a regular grid implausibly close or far apart.
+
+    Visium's hexagonal grid is 100 um apart and legacy ST's square grid 200 um; a spot diameter off by a large factor
+    (a unit mistake) moves every micron setting (the smoothing radius, the model's context, the patch size) by as much.
+    """
+    from ._platform import spot_lattice
+
+    lat = spot_lattice(xy)
+    ratio = lat.spacing / fullres if lat.kind != "irregular" else float("nan")
+    if lat.kind == "hexagonal":
+        expected, name = SPACING_UM["visium"], "Visium"
+    elif lat.kind == "square" and 1.5 <= ratio <= 3.5:
+        expected, name = SPACING_UM["st"], "legacy ST"
+    else:
+        return
+    spacing_um = lat.spacing * um_per_px
+    if 0.5 <= spacing_um / expected <= 2.0:
+        return
+    right = spot_diameter_um * expected / spacing_um
+    logger.warning(
+        "Library %r: a spot diameter of %g um puts neighbouring spots %.0f um apart, but the spots lie on a %s grid "
+        "(%s), whose spots are %g um apart; micron settings (radius_um, context_um, the patch size) would find %s. "
+        "Check spot_diameter_um (or metadata['spot_diameter_um']): %.3g would give %g um.",
+        lib, spot_diameter_um, spacing_um, lat.kind, name, expected,
+        "no neighbours" if spacing_um > expected else "far too many neighbours", right, expected)
 
 
 def _given_platform(spot_diameter_um: float) -> str:

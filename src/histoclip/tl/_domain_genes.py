@@ -8,7 +8,7 @@ import pandas as pd
 from .._constants import Key
 from .._settings import logger
 from .._utils import get_table, is_spatialdata, timed, write_results
-from ..io._slide import check_spatial
+from ..io._slide import check_counts_table, check_spatial
 from ..pp._genes import counts_matrix, log_normalize
 from ..pp._graph import knn_graph
 
@@ -168,6 +168,7 @@ def domain_genes(
     if section_key is not None and adata.obs[section_key].isna().any():
         raise ValueError(f"adata.obs[{section_key!r}] (section_key=) has {int(adata.obs[section_key].isna().sum())} "
                          "missing values; every spot needs its section.")
+    check_counts_table(adata, layer)  # before any work; warns when the counts are not integers
     lib_col = adata.obs[library_key].astype(str).to_numpy() if library_key is not None else None
     if is_spatialdata(data):  # spot centres from the shapes the table annotates (every region of it)
         from ._domains import _resolve_sections
