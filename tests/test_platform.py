@@ -210,3 +210,13 @@ def test_toy_readers_are_visium():
 def test_infer_platform_explains_itself():
     p = infer_platform(square_grid(10, 10, 200.0), {"spot_diameter_fullres": 100.0})
     assert p.name == "st" and not p.guess and "2.00 times spot_diameter_fullres" in p.how
+
+
+def test_lattice_of_a_visium_hd_sized_slide_is_read_from_a_window():
+    import time
+
+    xy = square_grid(600, 600, 8.0)  # 360,000 bins
+    t0 = time.perf_counter()
+    lat = spot_lattice(xy)
+    assert lat.kind == "square" and lat.spacing == pytest.approx(8.0)
+    assert time.perf_counter() - t0 < 10

@@ -17,6 +17,7 @@ from .._constants import Key
 SPACING_UM = {"st": 200.0, "visium": 100.0}
 NAMES = {"st": "legacy ST", "visium": "Visium", "visium_hd": "Visium HD", "unknown": "unknown platform"}
 _MAX_QUERY = 5000  # spots whose neighbours are looked at (a lattice is read from a sample on Visium HD-sized data)
+_MAX_FIT = 100_000  # spots searched for neighbours
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,14 @@ def spot_lattice(xy: np.ndarray) -> Lattice:
     n = len(np.unique(xy, axis=0)) if len(xy) else 0
     if n < 7:
         return Lattice("irregular", float("nan"), 0.0, 0.0, n)
-    query = xy if len(xy) <= _MAX_QUERY else xy[np.random.default_rng(0).choice(len(xy), _MAX_QUERY, replace=False)]
+    if len(xy) > _MAX_FIT:  # Visium HD-sized: a contiguous disc of spots around the median spot keeps the spacing
+        d2 = ((xy - np.median(xy, axis=0)) ** 2).sum(axis=1)
+        xy = xy[np.argpartition(d2, _MAX_FIT)[:_MAX_FIT]]
+        d2 = ((xy - np.median(xy, axis=0)) ** 2).sum(axis=1)
+        query = xy[np.argpartition(d2, _MAX_QUERY)[:_MAX_QUERY]]  # inner spots: their neighbours are all in the disc
+    else:
+        query = xy if len(xy) <= _MAX_QUERY else xy[np.random.default_rng(0).choice(len(xy), _MAX_QUERY,
+                                                                                      replace=False)]
     k = min(9, len(xy))
     dist, nbr = NearestNeighbors(n_neighbors=k).fit(xy).kneighbors(query)
     dist, nbr = dist[:, 1:], nbr[:, 1:]
