@@ -367,13 +367,17 @@ def _fullres_scale(scalefactors: dict, meta: dict, spot_diameter_um: float | Non
                               f"{where}['scalefactors']['spot_diameter_fullres']",
                               "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
                               "spatial/scalefactors_json.json.")
+    platform = _given_platform(spot_diameter_um)
     if xy is not None:
-        _check_spot_spacing(xy, spot_diameter_um / fullres, spot_diameter_um, fullres, lib)
-    return spot_diameter_um / fullres, _given_platform(spot_diameter_um), spot_diameter_um
+        platform = _check_spot_spacing(xy, spot_diameter_um / fullres, spot_diameter_um, fullres, lib) or platform
+    return spot_diameter_um / fullres, platform, spot_diameter_um
 
 
-def _check_spot_spacing(xy: np.ndarray, um_per_px: float, spot_diameter_um: float, fullres: float, lib: str) -> None:
+def _check_spot_spacing(xy: np.ndarray, um_per_px: float, spot_diameter_um: float, fullres: float,
+                        lib: str) -> str | None:
     """Warn when a given spot diameter puts the spots of a regular grid implausibly close or far apart.
+
+    Returns the platform the lattice shows (``"visium"``, ``"st"``), or ``None`` when it shows none.
 
     Visium's hexagonal grid is 100 um apart and legacy ST's square grid 200 um; a spot diameter off by a large factor
     (a unit mistake) moves every micron setting (the smoothing radius, the model's context, the patch size) by as much.
@@ -387,10 +391,11 @@ def _check_spot_spacing(xy: np.ndarray, um_per_px: float, spot_diameter_um: floa
     elif lat.kind == "square" and 1.5 <= ratio <= 3.5:
         expected, name = SPACING_UM["st"], "legacy ST"
     else:
-        return
+        return None
+    platform = "visium" if lat.kind == "hexagonal" else "st"
     spacing_um = lat.spacing * um_per_px
     if 0.5 <= spacing_um / expected <= 2.0:
-        return
+        return platform
     right = spot_diameter_um * expected / spacing_um
     logger.warning(
         "Library %r: a spot diameter of %g um puts neighbouring spots %.0f um apart, but the spots lie on a %s grid "
@@ -398,6 +403,7 @@ def _check_spot_spacing(xy: np.ndarray, um_per_px: float, spot_diameter_um: floa
         "Check spot_diameter_um (or metadata['spot_diameter_um']): %.3g would give %g um.",
         lib, spot_diameter_um, spacing_um, lat.kind, name, expected,
         "no neighbours" if spacing_um > expected else "far too many neighbours", right, expected)
+    return platform
 
 
 def _given_platform(spot_diameter_um: float) -> str:
