@@ -276,8 +276,8 @@ def test_domain_genes_per_section_domain_on_one_section(planted):
 def test_domain_genes_without_section_key_is_unchanged(planted):
     adata, pooled, _ = planted
     t = pooled.uns["histoclip_domain_genes"]
-    assert list(t.columns) == ["domain", "rank", "gene", "score", "logfoldchange", "pval_adj", "morans_i",
-                               "frac_in_domain", "frac_elsewhere"]
+    assert list(t.columns) == ["domain", "rank", "gene", "specificity", "score", "logfoldchange", "pval_adj",
+                               "morans_i", "frac_in_domain", "frac_elsewhere"]
     assert "section_key" not in pooled.uns["histoclip"]["params"]["domain_genes"]
     # on one section, ranking per section is the plain ranking plus the section columns
     one = adata[adata.obs["slice"] == "A"].copy()

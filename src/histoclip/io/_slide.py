@@ -18,6 +18,7 @@ from anndata import AnnData
 from .._constants import Key
 from .._settings import logger
 from ._image import ImageSource, MultiscaleImageSource, open_image
+from ._platform import NAMES, SPACING_UM, infer_platform
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -39,6 +40,8 @@ class Slide:
     um_per_px: float  # microns per pixel of ``image``
     img_key: str
     image: ImageSource | None = None
+    platform: str = "unknown"  # "visium", "st", "visium_hd" or "unknown" (see histoclip.io._platform)
+    spot_diameter_um: float = float("nan")  # the platform's spot (bin) diameter in microns
 
 
 @dataclass
@@ -136,14 +139,68 @@ def check_unique_var_names(adata: AnnData, what: str = "adata") -> None:
                   "scanpy.read_visium and spatialdata_io.visium do it unless told not to", what)
 
 
-def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "adata") -> None:
-    """A table counts can be read from: unique gene names, and ``layer`` (if given) among its layers."""
+def check_counts_table(adata: AnnData, layer: str | None = None, what: str = "adata", *, values: bool = True) -> None:
+    """Check a table counts can be read from: unique gene names and ``layer`` (if given) among its layers.
+
+    With ``values``, also warn when the counts there are not integers (:func:`check_raw_counts`).
+    """
     check_unique_var_names(adata, what)
     if layer is not None and layer not in adata.layers:
         raise KeyError(
             f"Layer {layer!r} not found; {what}.layers has {list(adata.layers.keys())}. Pass layer= naming the layer "
             "that holds raw counts, or layer=None for adata.X."
         )
+    if values:
+        check_raw_counts(adata, layer, what)
+
+
+def _sample_values(x: Any, n: int = 200_000) -> np.ndarray:
+    """Up to ``n`` stored non-zero values of a matrix (of its first 2000 rows when dense)."""
+    import scipy.sparse as sp
+
+    if x is None:
+        return np.zeros(0)
+    if sp.issparse(x):
+        data = x.data if hasattr(x, "data") else sp.csr_matrix(x).data
+        return np.asarray(data[:n], dtype=np.float64)
+    arr = np.asarray(x[: min(x.shape[0], 2000)], dtype=np.float64).ravel()
+    return arr[arr != 0][:n]
+
+
+def _looks_like_counts(x: Any) -> bool:
+    v = _sample_values(x)
+    return v.size > 0 and bool(np.isfinite(v).all()) and v.min() >= 0 and bool(np.allclose(v, np.round(v), atol=1e-3))
+
+
+def check_raw_counts(adata: AnnData, layer: str | None = None, what: str = "adata") -> None:
+    """Warn when the counts histoclip reads (``X`` or ``layer``) are not integers: normalised or log-transformed.
+
+    histoclip normalises raw counts itself (``log1p(counts / total * 1e4)``); counts normalised before are normalised
+    twice. The warning names a layer (or ``adata.raw``) that holds integer counts, when there is one. Negative values
+    are an error where the counts are read (:func:`histoclip.pp._genes.counts_matrix`).
+    """
+    x = adata.layers[layer] if layer is not None else adata.X
+    v = _sample_values(x)
+    if v.size == 0 or not np.isfinite(v).all() or v.min() < 0 or np.allclose(v, np.round(v), atol=1e-3):
+        return
+    where = f"{what}.layers[{layer!r}]" if layer is not None else f"{what}.X"
+    frac = float(np.mean(np.abs(v - np.round(v)) > 1e-3))
+    counts_layers = [k for k in adata.layers if k != layer and _looks_like_counts(adata.layers[k])]
+    if counts_layers:
+        fix = f"{what}.layers[{counts_layers[0]!r}] holds integer counts: pass layer={counts_layers[0]!r}."
+    elif layer is not None and _looks_like_counts(adata.X):
+        fix = f"{what}.X holds integer counts: pass layer=None."
+    elif adata.raw is not None and adata.raw.shape == adata.shape and _looks_like_counts(adata.raw.X):
+        fix = (f"{what}.raw holds integer counts: use them, e.g. {what}.layers['counts'] = {what}.raw.X.copy(), then "
+               "pass layer='counts'.")
+    else:
+        fix = ("Keep the raw counts (e.g. adata.layers['counts'] = adata.X.copy() before sc.pp.normalize_total / "
+               "sc.pp.log1p, or read them again from Space Ranger's filtered_feature_bc_matrix.h5) and pass "
+               "layer='counts'.")
+    logger.warning(
+        "%s is not integer counts (%.0f%% of the values in a sample are fractional, max %.3g): it looks normalised or "
+        "log-transformed. histoclip normalises raw counts itself, so these would be normalised twice. %s",
+        where, 100 * frac, float(v.max()), fix)
 
 
 def check_unique_obs_names(adata: AnnData, what: str = "adata") -> None:
@@ -264,11 +321,37 @@ def positive_number(value: Any, what: str, fix: str) -> float:
     return v
 
 
-def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str) -> float:
+def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str,
+                       xy: np.ndarray | None = None) -> float:
+    """Microns per full-resolution pixel of library ``lib`` (see :func:`_fullres_scale`)."""
+    return _fullres_scale(scalefactors, meta, spot_diameter_um, lib, xy)[0]
+
+
+def _fullres_scale(scalefactors: dict, meta: dict, spot_diameter_um: float | None, lib: str,
+                   xy: np.ndarray | None = None, array: np.ndarray | None = None) -> tuple[float, str, float]:
+    """Microns per full-resolution pixel, the platform and its spot diameter in microns, for library ``lib``.
+
+    ``spot_diameter_um=`` wins, then ``scalefactors["microns_per_pixel"]`` (Visium HD), then
+    ``metadata["spot_diameter_um"]``; with none of them, the platform is inferred from the spot lattice ``xy`` and
+    ``spot_diameter_fullres`` (:func:`histoclip.io._platform.infer_platform`): logged, and a warning when it is a
+    guess.
+    """
     where = f"adata.uns['spatial'][{lib!r}]"
     if spot_diameter_um is None and "microns_per_pixel" in scalefactors:
-        return positive_number(scalefactors["microns_per_pixel"], f"{where}['scalefactors']['microns_per_pixel']",
-                               "Fix it from the Space Ranger scalefactors_json.json, or pass spot_diameter_um=....")
+        um = positive_number(scalefactors["microns_per_pixel"], f"{where}['scalefactors']['microns_per_pixel']",
+                             "Fix it from the Space Ranger scalefactors_json.json, or pass spot_diameter_um=....")
+        fullres = scalefactors.get("spot_diameter_fullres")
+        bin_um = um * float(fullres) if isinstance(fullres, int | float) and fullres > 0 else float("nan")
+        return um, "visium_hd", bin_um
+    if spot_diameter_um is None and "spot_diameter_um" not in meta and xy is not None:
+        fullres = scalefactors.get("spot_diameter_fullres")
+        if fullres is not None:
+            positive_number(fullres, f"{where}['scalefactors']['spot_diameter_fullres']",
+                            "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
+                            "spatial/scalefactors_json.json.")
+        p = infer_platform(xy, scalefactors, meta, array)
+        _log_platform(lib, p.how, p.guess)
+        return p.um_per_unit, p.name, p.spot_diameter_um
     if "spot_diameter_fullres" not in scalefactors:
         raise KeyError(
             f"adata.uns['spatial'][{lib!r}]['scalefactors'] has no 'spot_diameter_fullres' (keys: "
@@ -285,7 +368,78 @@ def _um_per_fullres_px(scalefactors: dict, meta: dict, spot_diameter_um: float |
                               f"{where}['scalefactors']['spot_diameter_fullres']",
                               "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
                               "spatial/scalefactors_json.json.")
-    return spot_diameter_um / fullres
+    platform = _given_platform(spot_diameter_um)
+    if xy is not None:
+        platform = _check_spot_spacing(xy, spot_diameter_um / fullres, spot_diameter_um, fullres, lib) or platform
+    return spot_diameter_um / fullres, platform, spot_diameter_um
+
+
+def _check_spot_spacing(xy: np.ndarray, um_per_px: float, spot_diameter_um: float, fullres: float,
+                        lib: str) -> str | None:
+    """Warn when a given spot diameter puts the spots of a regular grid implausibly close or far apart.
+
+    Returns the platform the lattice shows (``"visium"``, ``"st"``), or ``None`` when it shows none.
+
+    Visium's hexagonal grid is 100 um apart and legacy ST's square grid 200 um; a spot diameter off by a large factor
+    (a unit mistake) moves every micron setting (the smoothing radius, the model's context, the patch size) by as much.
+    """
+    from ._platform import spot_lattice
+
+    lat = spot_lattice(xy)
+    ratio = lat.spacing / fullres if lat.kind != "irregular" else float("nan")
+    if lat.kind == "hexagonal":
+        expected, name = SPACING_UM["visium"], "Visium"
+    elif lat.kind == "square" and 1.5 <= ratio <= 3.5:
+        expected, name = SPACING_UM["st"], "legacy ST"
+    else:
+        return None
+    platform = "visium" if lat.kind == "hexagonal" else "st"
+    spacing_um = lat.spacing * um_per_px
+    if 0.5 <= spacing_um / expected <= 2.0:
+        return platform
+    right = spot_diameter_um * expected / spacing_um
+    logger.warning(
+        "Library %r: a spot diameter of %g um puts neighbouring spots %.0f um apart, but the spots lie on a %s grid "
+        "(%s), whose spots are %g um apart; micron settings (radius_um, context_um, the patch size) would find %s. "
+        "Check spot_diameter_um (or metadata['spot_diameter_um']): %.3g would give %g um.",
+        lib, spot_diameter_um, spacing_um, lat.kind, name, expected,
+        "no neighbours" if spacing_um > expected else "far too many neighbours", right, expected)
+    return platform
+
+
+def _given_platform(spot_diameter_um: float) -> str:
+    """The platform a spot diameter given by the user stands for (recorded only)."""
+    for name, um in Key.SPOT_DIAMETER_UM.items():
+        if np.isclose(spot_diameter_um, um):
+            return name
+    return "unknown"
+
+
+def _log_platform(lib: str, how: str, guess: bool) -> None:
+    if guess:
+        logger.warning("Library %r: %s. This is a guess: pass spot_diameter_um= (%s) if it is wrong.", lib, how,
+                       _SPOT_VALUES)
+    else:
+        logger.info("Library %r: %s (pass spot_diameter_um= to override).", lib, how)
+
+
+def _scale_without_scalefactors(xy: np.ndarray, spot_diameter_um: float | None, lib: str) -> tuple[float, str, float]:
+    """Microns per unit of ``obsm["spatial"]`` when there is no ``uns["spatial"]``: from the spot lattice alone."""
+    try:
+        p = infer_platform(xy)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} Or fill adata.uns['spatial'][{lib!r}] = {{'scalefactors': {{'spot_diameter_fullres': ...}}}}."
+        ) from None
+    if spot_diameter_um is None:
+        _log_platform(lib, p.how + " (no adata.uns['spatial'])", p.guess)
+        return p.um_per_unit, p.name, p.spot_diameter_um
+    spot_diameter_um = positive_number(spot_diameter_um, "spot_diameter_um", _SPOT_FIX)
+    spacing_um = spot_diameter_um * SPACING_UM.get(p.name, SPACING_UM["visium"]) / p.spot_diameter_um
+    um = spacing_um / p.lattice.spacing
+    logger.info("Library %r: no adata.uns['spatial']; %s spots of %g um on a %s grid %.4g units apart: %.4g um per "
+                "unit.", lib, NAMES[p.name], spot_diameter_um, p.lattice.kind, p.lattice.spacing, um)
+    return um, p.name, spot_diameter_um
 
 
 def _resolve_anndata(
@@ -309,8 +463,15 @@ def _resolve_anndata(
                 "scanpy.read_visium / squidpy.read.visium (or spatialdata_io.visium and pass the SpatialData object), "
                 "or fill adata.uns['spatial'][library_id] = {'images': {...}, 'scalefactors': {...}}."
             )
-        lib = library_id or "library"
-        return SpotData(adata, [Slide(lib, np.arange(adata.n_obs), xy, float("nan"), "none")], library_key)
+        if library_key is not None:
+            rows = _library_rows(adata, [], None, library_key)
+        else:
+            rows = {library_id or "library": np.arange(adata.n_obs)}
+        slides = []
+        for lib, idx in rows.items():
+            um, platform, spot_um = _scale_without_scalefactors(xy[idx], spot_diameter_um, lib)
+            slides.append(Slide(lib, idx, xy[idx], um, "none", None, platform, spot_um))
+        return SpotData(adata, slides, library_key)
     rows = _library_rows(adata, libs, library_id, library_key)
     slides = []
     for lib, idx in rows.items():
@@ -318,9 +479,11 @@ def _resolve_anndata(
         images = dict(entry.get("images", {}) or {})
         meta = dict(entry.get("metadata", {}) or {})
         scalefactors = dict(entry.get("scalefactors", {}) or {})
-        um_full = _um_per_fullres_px(scalefactors, meta, spot_diameter_um, lib)
+        array = adata.obs[["array_row", "array_col"]].to_numpy()[idx] if {"array_row", "array_col"} <= set(
+            adata.obs.columns) else None
+        um_full, platform, spot_um = _fullres_scale(scalefactors, meta, spot_diameter_um, lib, xy[idx], array)
         if not need_image and img_key is None and not images:
-            slides.append(Slide(lib, idx, xy[idx], um_full, "fullres"))
+            slides.append(Slide(lib, idx, xy[idx], um_full, "fullres", None, platform, spot_um))
             continue
         key = _pick_img_key(lib, images, img_key, meta)
         if key == "fullres":
@@ -342,7 +505,7 @@ def _resolve_anndata(
             else:
                 arr = images[key]
                 image = ImageSource(arr, layout="yx" if np.ndim(arr) == 2 else "yxc", name=f"{lib}/{key}")
-        slides.append(Slide(lib, idx, xy[idx] * scalef, um_full / scalef, key, image))
+        slides.append(Slide(lib, idx, xy[idx] * scalef, um_full / scalef, key, image, platform, spot_um))
     return SpotData(adata, slides, library_key)
 
 

@@ -63,7 +63,10 @@ def domain_genes(
         Top genes per domain to show (``"dotplot"``); ``"spatial"`` maps the top gene of each domain.
     kind
         ``"dotplot"``: domains (or (domain, section) pairs) x genes, dot size the fraction of spots expressing the
-        gene, colour the mean log-normalised expression scaled to [0, 1] per gene over all spots. ``"spatial"``:
+        gene, colour the mean log-normalised expression of the row, scaled to [0, 1] per gene over the rows
+        (scanpy's ``standard_scale="var"``); the genes stand in
+        one block per domain, in the order of the rows, under a bracket labelled with the domain (as scanpy's
+        ``rank_genes_groups_dotplot``), each gene once. ``"spatial"``:
         one panel per gene over the H&E image, on a colour scale shared by all panels (expression scaled to [0, 1]
         per gene).
     key
@@ -133,8 +136,8 @@ def domain_genes(
         else:
             rows = [(d, (labels == d) & in_section) for d in domains]
             ylabel = groupby if section is None else f"{groupby} (section {section})"
-        fig = _dotplot(genes, rows, expr, scaled, ylabel)
-        fig.axes[0].set_title("domain genes" if section is None else f"domain genes, section {section}")
+        fig = _dotplot(genes, rows, expr, scaled, ylabel, blocks=_blocks(pairs))
+        fig.axes[0].set_title("domain genes" if section is None else f"domain genes, section {section}", pad=30)
     else:
         library_key = params.get("library_key") or section_key
         lib = library_id if library_id is not None else section
@@ -160,10 +163,27 @@ def domain_genes(
     return fig
 
 
+def _blocks(pairs: list[tuple[str, str]]) -> list[tuple[str, int, int]]:
+    """The (domain, first column, last column) of each domain's run of genes in ``pairs``."""
+    out: list[tuple[str, int, int]] = []
+    for j, (dom, _) in enumerate(pairs):
+        if out and out[-1][0] == dom:
+            out[-1] = (dom, out[-1][1], j)
+        else:
+            out.append((dom, j, j))
+    return out
+
+
 def _dotplot(genes: list[str], rows: list[tuple[str, np.ndarray]], expr: np.ndarray, scaled: np.ndarray,
-             ylabel: str) -> Figure:
-    """Rows (label, spot mask) x genes: dot size the fraction expressing, colour the mean scaled expression."""
-    mean = np.array([scaled[m].mean(axis=0) if m.any() else np.zeros(len(genes)) for _, m in rows])
+             ylabel: str, blocks: list[tuple[str, int, int]] | None = None) -> Figure:
+    """Rows (label, spot mask) x genes: dot size the fraction expressing, colour the mean scaled expression.
+
+    ``blocks`` groups the gene columns by domain, as scanpy's ``rank_genes_groups_dotplot`` does: a bracket over each
+    domain's genes, labelled with the domain, and a thin line between blocks.
+    """
+    mean = np.array([expr[m].mean(axis=0) if m.any() else np.zeros(len(genes)) for _, m in rows])
+    lo, hi = mean.min(axis=0), mean.max(axis=0)  # each gene's row means scaled to [0, 1] (scanpy's standard_scale)
+    mean = (mean - lo) / np.where(hi > lo, hi - lo, 1)
     frac = np.array([(expr[m] > 0).mean(axis=0) if m.any() else np.zeros(len(genes)) for _, m in rows])
     names = [r for r, _ in rows]
     fig, ax = plt.subplots(figsize=(0.45 * len(genes) + 2.5 + 0.05 * max(map(len, names)), 0.45 * len(rows) + 1.8))
@@ -175,7 +195,19 @@ def _dotplot(genes: list[str], rows: list[tuple[str, np.ndarray]], expr: np.ndar
     ax.set_xlim(-0.7, len(genes) - 0.3)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_ylabel(ylabel)
-    fig.colorbar(sc, ax=ax, label="mean expression (scaled)", shrink=0.6, pad=0.02)
+    if blocks:
+        import matplotlib.transforms as mtransforms
+
+        trans = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+        long = max(len(d) for d, _, _ in blocks) > 3
+        for dom, a, b in blocks:
+            ax.plot([a - 0.3, a - 0.3, b + 0.3, b + 0.3], [1.01, 1.03, 1.03, 1.01], transform=trans, color="0.2",
+                    lw=0.8, clip_on=False)
+            ax.text((a + b) / 2, 1.045, dom, transform=trans, ha="center" if not long else "left", va="bottom",
+                    fontsize=9, rotation=45 if long else 0, rotation_mode="anchor")
+            if a > 0:
+                ax.axvline(a - 0.5, color="0.85", lw=0.6, zorder=0)
+    fig.colorbar(sc, ax=ax, label="mean expression\n(scaled per gene)", shrink=0.6, pad=0.02)
     for f in (0.25, 0.5, 1.0):
         ax.scatter([], [], s=f * 180, c="0.6", label=f"{int(f * 100)}%")
     ax.legend(title="expressing", loc="upper left", bbox_to_anchor=(1.16, 1.0), frameon=False, labelspacing=1.1)

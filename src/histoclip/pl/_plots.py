@@ -54,6 +54,9 @@ def domains(
     (or, for SpatialData, the coordinate transformations). With several libraries (sections), each is drawn in its
     own panel over its own image, and a category has the same colour on every panel: categories and colours come
     from the whole ``obs`` column (and ``reference=`` matching from all spots), with one legend for the figure.
+    A library without an image (no ``images`` in its ``uns["spatial"]`` entry, or no ``uns["spatial"]`` at all) is
+    drawn on a blank background, its spots still at their size in microns (logged); every ``pl`` function that draws
+    the slide does the same.
 
     Parameters
     ----------

@@ -11,9 +11,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..io._slide import resolve
 from ..pp._genes import expression_matrix
-from ._utils import draw_slide, finish, get_ax, plot_image_key
+from ._utils import draw_slide, finish, get_ax, plot_image_key, resolve_for_plot
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -76,8 +75,8 @@ def predicted_expression(
     genes = list(genes)
     if not genes:
         raise ValueError("Pass at least one gene.")
-    spots = resolve(measured, library_id=library_id, spot_diameter_um=spot_diameter_um, table_key=table_key,
-                    image_key=plot_image_key(measured, table_key, image_key))
+    spots = resolve_for_plot(measured, library_id=library_id, spot_diameter_um=spot_diameter_um, table_key=table_key,
+                             image_key=plot_image_key(measured, table_key, image_key))
     table, slide = spots.adata, spots.slides[0]
     pos = predicted.obs_names.get_indexer(table.obs_names[slide.index])  # the slide's spots among the predictions
     keep = pos >= 0

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 
+from .._settings import logger
 from ..io._slide import Slide, SpotData, resolve_regions, several_regions_key
 
 
@@ -135,6 +136,52 @@ def _draw_raster(ax: Axes, xy: np.ndarray, d: float, values: np.ndarray, *, cate
                      vmin=vmin, vmax=vmax, alpha=alpha)
 
 
+def _library_has_image(entry, img_key: str | None) -> bool:
+    """Whether one ``uns["spatial"][library]`` entry holds an image to draw (``img_key``'s, or any)."""
+    if not isinstance(entry, Mapping):
+        return False
+    images = dict(entry.get("images", {}) or {})
+    meta = dict(entry.get("metadata", {}) or {})
+    available = [k for k, v in images.items() if v is not None and np.size(v) > 0]
+    available += ["fullres"] if "fullres_image" in meta else []
+    return bool(available) if img_key is None else img_key in available
+
+
+def resolve_for_plot(data, **kwargs) -> SpotData:
+    """Resolve ``data`` for a figure (:func:`histoclip.io.resolve`), with or without images.
+
+    Slides with an image get it; slides without one are drawn on a blank background (logged), as squidpy's
+    ``spatial_scatter`` does, with spot sizes still in microns. An AnnData without ``uns["spatial"]``, or whose
+    libraries hold no image, is resolved without images (its microns from the scale factors, else the spot
+    lattice); of two libraries, one with an image and one without, each is drawn as it is.
+    """
+    from dataclasses import replace
+
+    from .._utils import is_spatialdata
+    from ..io._slide import resolve
+
+    if is_spatialdata(data):
+        return resolve(data, **kwargs)
+    img_key = kwargs.get("img_key")
+    spatial = data.uns.get("spatial") if hasattr(data, "uns") else None
+    entries = spatial if isinstance(spatial, Mapping) else {}
+    with_image = {str(k) for k, v in entries.items() if _library_has_image(v, img_key)}
+    if entries and len(with_image) == len(entries):
+        return resolve(data, **kwargs)  # every library has its image (errors as usual, e.g. a missing file)
+    spots = resolve(data, **{**kwargs, "need_image": False})
+    slides = []
+    for sl in spots.slides:
+        if sl.library_id in with_image:
+            one = resolve(data, **{**kwargs, "library_key": None, "library_id": sl.library_id})
+            sl = replace(sl, image=one.slides[0].image, coords=one.slides[0].coords[sl.index],
+                         um_per_px=one.slides[0].um_per_px, img_key=one.slides[0].img_key)
+        else:
+            logger.info("Library %r has no image%s: its spots are drawn on a blank background.", sl.library_id,
+                        "" if entries else " (no adata.uns['spatial'])")
+        slides.append(sl)
+    return SpotData(spots.adata, slides, spots.library_key, spots.source, spots.keys)
+
+
 # ------------------------------------------------------------------------------------------ several sections
 @dataclass
 class Panel:
@@ -187,6 +234,7 @@ def resolve_panels(
     from ..pp._patches import _spot_um
 
     ids = _as_ids(library_id)
+    resolve_ad = resolve_for_plot
     if is_spatialdata(data):
         table = get_table(data, table_key)
         if several_regions_key(table) is not None:
@@ -208,10 +256,10 @@ def resolve_panels(
                 f"library_id names {len(ids)} libraries; pass library_key=... naming the adata.obs column that says "
                 "which library each spot belongs to, so that each panel draws only its own spots."
             )
-        spots = resolve(data, library_id=None if ids is None else ids[0], img_key=img_key,
-                        spot_diameter_um=spot_diameter_um)
+        spots = resolve_ad(data, library_id=None if ids is None else ids[0], img_key=img_key,
+                           spot_diameter_um=spot_diameter_um)
     else:
-        spots = resolve(data, library_key=library_key, img_key=img_key, spot_diameter_um=spot_diameter_um)
+        spots = resolve_ad(data, library_key=library_key, img_key=img_key, spot_diameter_um=spot_diameter_um)
     by_id = {s.library_id: s for s in spots.slides}
     chosen = _pick_ids(ids, list(by_id), f"adata.obs[{library_key!r}]") if library_key is not None else list(by_id)
     panels = []

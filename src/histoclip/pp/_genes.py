@@ -35,7 +35,7 @@ def fit_rows(n: int, seed: int = 0, max_n: int | None = None) -> np.ndarray | No
 def counts_matrix(adata: AnnData, layer: str | None = None) -> sp.csr_matrix:
     """Raw counts (spots x genes) as float32 CSR, checked to be non-negative."""
     check_in_memory(adata)
-    check_counts_table(adata, layer)
+    check_counts_table(adata, layer, values=False)  # callers warn about non-integer counts (check_raw_counts)
     x = adata.layers[layer] if layer is not None else adata.X
     if x is None:
         raise ValueError("adata.X is None: histoclip needs raw counts in adata.X or in a layer (layer=...).")

@@ -105,9 +105,9 @@ def extract_patches(
         (from ``spatialdata_io.visium`` or ``spatialdata_io.visium_hd``); with SpatialData, results go to the table
         ``table_key``.
     size_um
-        Side of the square patch in microns. Default: two spot diameters (130 um for Visium: see
-        ``spot_diameter_um``; for Visium HD bins two bin sides, 16 um for 8 um bins, which holds a few cells: pass
-        a larger ``size_um`` for more tissue context).
+        Side of the square patch in microns. Default: two spot diameters (130 um for Visium, 200 um for legacy ST:
+        see ``spot_diameter_um``; for Visium HD bins two bin sides, 16 um for 8 um bins, which holds a few cells:
+        pass a larger ``size_um`` for more tissue context).
     img_key
         AnnData only: which image in ``uns["spatial"][library_id]["images"]`` to cut from (``"hires"``,
         ``"lowres"``), or ``"fullres"`` for the file set with :func:`histoclip.io.set_fullres_image`.
@@ -119,9 +119,11 @@ def extract_patches(
     spot_diameter_um
         Microns spanned by ``scalefactors["spot_diameter_fullres"]``, used with it to convert microns to pixels.
         Default: ``scalefactors["microns_per_pixel"]`` when present (Visium HD), else
-        ``uns["spatial"][library_id]["metadata"]["spot_diameter_um"]``, else 65: Space Ranger's definition of
-        ``spot_diameter_fullres`` (a theoretical 65 um spot; Visium's spots are 55 um wide and 100 um apart). Use 100
-        for legacy ST.
+        ``uns["spatial"][library_id]["metadata"]["spot_diameter_um"]``, else the platform inferred from the spot
+        lattice (logged): a hexagonal grid is Visium, whose ``spot_diameter_fullres`` spans 65 um (Space Ranger's
+        definition of a theoretical 65 um spot; Visium's spots are 55 um wide and 100 um apart); a square grid about
+        twice ``spot_diameter_fullres`` apart is legacy ST (100 um spots, 200 um apart, the spacing setting the
+        microns per pixel). A slide on no regular grid is read as Visium, with a warning.
     table_key, image_key, shapes_key, coordinate_system
         SpatialData only: the table, the image (default: the only one, or the one ending in ``hires_image``),
         the spot circles or Visium HD bin squares (default: the element the table annotates) and the coordinate
@@ -145,7 +147,8 @@ def extract_patches(
 
     - ``obsm["histoclip_patch_box"]``: ``(n_obs, 4)`` int64, ``[x0, y0, x1, y1)`` in pixels of the image used.
     - ``uns["histoclip"]["params"]["patches"]``: size in microns and pixels per library, image keys, microns per
-      pixel, and the keys needed to find the image again.
+      pixel, the platform of each library (``"visium"``, ``"st"``, ``"visium_hd"`` or ``"unknown"``) and the keys
+      needed to find the image again.
 
     """
     if copy and not hasattr(data, "obsm"):
@@ -177,6 +180,7 @@ def extract_patches(
         "library_key": library_key,
         "library_id": library_id,
         "spot_diameter_um": spot_diameter_um,
+        "platform": {s.library_id: s.platform for s in spots.slides},
         "key_added": key_added,
         "source": spots.source,
         **{k: v for k, v in spots.keys.items()},
@@ -211,6 +215,9 @@ def _spot_um(spots: SpotData, spot_diameter_um: float | None) -> float:
                 return (positive_number(sf["microns_per_pixel"], f"{where}['scalefactors']['microns_per_pixel']", fix)
                         * positive_number(sf["spot_diameter_fullres"],
                                           f"{where}['scalefactors']['spot_diameter_fullres']", fix))
+    for s in spots.slides:  # the platform inferred from the spot lattice (histoclip.io._platform)
+        if np.isfinite(s.spot_diameter_um):
+            return float(s.spot_diameter_um)
     return DEFAULT_SPOT_DIAMETER_UM
 
 

@@ -334,7 +334,9 @@ def domains(
     spot_diameter_um
         Microns spanned by ``scalefactors["spot_diameter_fullres"]``, which sets the microns of ``radius_um``
         (default: the scale :func:`histoclip.pp.extract_patches` recorded, else ``uns["spatial"][library_id]
-        ["metadata"]["spot_diameter_um"]``, else 65, Space Ranger's definition; use 100 for legacy ST).
+        ["metadata"]["spot_diameter_um"]``, else the platform inferred from the spot lattice and logged: Visium's
+        65 um on a hexagonal grid, legacy ST's 200 um spacing on a square one; see
+        :func:`histoclip.pp.extract_patches`). Without ``uns["spatial"]``, the microns come from the lattice alone.
     refine
         Majority vote of each spot with its spatial neighbours after clustering: the spots within ``radius_um``
         (none on legacy ST at 150 um, so nothing changes there), the ``n_neighbors`` nearest when given, and the 6
@@ -368,7 +370,8 @@ def domains(
 
     - ``obs["histoclip_domain"]``: categorical of strings ``"0"``, ``"1"``, ..., ordered by decreasing size over all
       sections, with the same categories on every table of a list.
-    - ``uns["histoclip"]["params"]["domains"]``: every parameter, the seed and the sections clustered together.
+    - ``uns["histoclip"]["params"]["domains"]``: every parameter, the seed, the sections clustered together and the
+      platform inferred for each (``"platform"``).
 
     """
     from .._utils import is_spatialdata
@@ -462,7 +465,9 @@ def domains(
     params = {"n_domains": int(n_domains), "method": method, "use_rep": use_rep or "expression_pca", **smoothing,
               "n_pcs": n_pcs, "refine": refine, "n_init": n_init, "library_key": library_key,
               "batch_correction": batch_correction, "sections": section_names,
-              "seed": seed, "key_added": key_added, **extra}
+              "seed": seed, "key_added": key_added, **extra,
+              "platform": {(f"{i}:" if is_list else "") + sl.library_id: sl.platform  # inferred: io/_platform.py
+                           for i, s in enumerate(all_spots) for sl in s.slides}}
     if use_rep is None:
         params.update({"n_genes": n_genes, "layer": layer})
     if method != "gmm":
