@@ -161,8 +161,8 @@ class HistoclipModule(nn.Module):
         """Start the expression latent at the spot's smoothed principal components.
 
         The latent is ``0.5 * (own + neighbourhood)`` of the first ``embedding_dim`` components (identity blocks, zero
-        bias): an untrained or barely trained model is then already the expression PCA it projects, and training moves it from
-        there, so the result depends much less on the seed than from a random start.
+        bias): an untrained or barely trained model is then already the expression PCA it projects, and training moves
+        it from there.
         """
         lin = self.expression_latent
         d, k = lin.out_features, self.n_components
