@@ -92,6 +92,8 @@ def test_wrong_weights_file_names_the_mismatch(tmp_path):
 
 
 def test_gated_hub_model_without_token_fails_fast_offline_without_a_socket(toy, no_network):
+    with pytest.raises((ImportError, RuntimeError)):  # untimed: the first call imports histoclip's tools
+        hc.tl.image_features(toy, backbone="hf-hub:MahmoodLab/UNI", accelerator="cpu")
     t0 = time.perf_counter()
     with pytest.raises((ImportError, RuntimeError)) as err:
         hc.tl.image_features(toy, backbone="hf-hub:MahmoodLab/UNI", accelerator="cpu")
@@ -222,3 +224,15 @@ def test_non_timm_registry_model_points_to_the_module_route(toy):
         hc.tl.image_features(toy, backbone="conch", weights="whatever.bin")
     with pytest.raises(ValueError, match="weights= needs an architecture name"):
         hc.tl.image_features(toy, backbone="hf-hub:someone/unknown", weights="x.bin")
+
+
+def test_bad_key_added_is_refused_before_any_model_is_loaded(toy, no_network):
+    hc.tl.image_features  # noqa: B018 - import the tools before timing
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="would overwrite adata.obsm\\['spatial'\\]"):
+        hc.tl.image_features(toy, backbone="uni", weights="/nonexistent/uni.bin", key_added="spatial")
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(ValueError, match="not both"):
+        hc.tl.image_features(toy, backbone="uni", mpp=0.5, sizes_um=(112,))
+    with pytest.raises(ValueError, match="positive"):
+        hc.tl.image_features(toy, backbone="uni", mpp=-1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .._settings import logger, settings
-from .._utils import timed, write_results
+from .._utils import check_key_added, timed, write_results
 from ..data import PatchReader
 from ..io._slide import positive_number, resolve
 from ..module._pretrained import BACKBONES
@@ -154,6 +154,7 @@ def image_features(
     spots = resolve(data, library_id=library_id, library_key=library_key, img_key=img_key,
                     spot_diameter_um=spot_diameter_um, table_key=table_key, image_key=image_key)
     adata = spots.adata
+    check_key_added(adata, "obsm", key_added)  # before any model is loaded or patch read
     nets, encs = _load_backbones(backbone, names, weights, model_kwargs, mean, std)
     patch_px = _common(patch_px, [e.input_px for e in encs if e is not None], "input sizes", "patch_px") or 224
     mpp = _common(mpp, [e.mpp for e in encs if e is not None], "resolutions (microns per pixel)", "mpp")
