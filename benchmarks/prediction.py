@@ -1,6 +1,14 @@
 """Expression from the H&E image alone, on HER2ST: patient-level folds (headline) and within-patient folds.
 
     OMP_NUM_THREADS=1 python benchmarks/prediction.py [--seeds 0 1 2 3 4] [--epochs 60]
+    OMP_NUM_THREADS=1 python benchmarks/prediction.py --backbone uni --weights ~/UNI/pytorch_model.bin
+
+``--backbone`` (any ``backbone=`` of ``hc.tl.image_features``: a foundation model name with ``--weights`` a local
+file, ``hf-hub:<org>/<model>``, a timm architecture with ``--weights``, ``--model-kwargs``, ``--mean``, ``--std``)
+runs the backbone study instead: features at the model's own resolution (``--mpp``, default the registry's, else
+0.5 um/px) from the full-resolution images, then on the patient-level folds the HEST-Bench protocol (ridge on
+PCA-256 of the features, alpha by inner leave-one-group-out CV) and the package's regression head, next to the same
+two on EfficientNet-Lite0 features of 100 um patches. Writes benchmarks/results/prediction_backbone_<name>.json.
 
 Folds. Patient-level (the headline; the honest split): train on patient C's five sections (C2-C6) and predict
 patient B's B4, and train on B4 and predict each of C2-C6. Within-patient (labelled so): leave one of C2-C6 out,
@@ -242,6 +250,60 @@ def available(v: dict, secs) -> bool:
                for n, a in secs.items() for i in imgs for s in v["sizes"])
 
 
+# ---------------------------------------------------------------------------------------------- backbone study
+def backbone_block(a: ad.AnnData, backbone: str, weights, mean, std, mpp, model_kwargs=None) -> np.ndarray:
+    """Features of one section with ``backbone`` at ``mpp`` um/px (full-resolution image, no stain normalisation)."""
+    lib = str(a.obs["section"].iloc[0])
+    slug = "".join(c if c.isalnum() else "-" for c in backbone) + ("" if weights is None else f"-{Path(weights).stem}")
+    path = CACHE / f"{lib}_fullres_none_{slug}_{mpp or 'default'}mpp_n{a.n_obs}.npy"
+    if path.is_file():
+        return np.load(path)
+    b = a[:, :0].copy()
+    hc.tl.image_features(b, backbone=backbone, weights=weights, model_kwargs=model_kwargs, mean=mean, std=std, mpp=mpp,
+                         tta=False,
+                         img_key="fullres", key_added=FEAT_KEY, batch_size=32, accelerator="auto")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, b.obsm[FEAT_KEY])
+    return b.obsm[FEAT_KEY]
+
+
+def backbone_study(backbone: str, weights, mean, std, mpp, out: Path, model_kwargs=None) -> dict:
+    """HEST-style ridge and the package's head on ``backbone``'s features, patient-level folds, against EfficientNet."""
+    t0 = time.time()
+    secs = {str(a.obs["section"].iloc[0]): a for a in load_sections(DEFAULT)}
+    logn = {n: lognorm(a) for n, a in secs.items()}
+    feats = {backbone: {n: backbone_block(a, backbone, weights, mean, std, mpp, model_kwargs).astype(np.float64)
+                        for n, a in secs.items()},
+             f"{BACKBONE} 100 um": features(secs, "fullres", "none", (100,))}
+    rows: list[dict] = []
+    for fold in [f for f in folds() if f["kind"] == "patient"]:
+        train, test = fold["train"], fold["test"]
+        tr_ln = ad.concat([logn[n] for n in train])
+        heg = list(tr_ln.var_names[np.argsort(-np.asarray(tr_ln.X.mean(0)).ravel(), kind="stable")[:N_EVAL]])
+        Ytr = np.asarray(tr_ln[:, heg].X.todense(), dtype=np.float64)
+        Yte = np.asarray(logn[test[0]][:, heg].X.todense(), dtype=np.float64)
+        groups = cv_groups(secs, train)
+        for name, F in feats.items():
+            Ftr = np.concatenate([F[n] for n in train])
+            t = time.time()
+            P, a = _inner_cv(ridge_preds, ALPHAS, Ftr, Ytr, groups, F[test[0]])
+            record(rows, fold, f"ridge PCA-256 (HEST) | {name}", None, P, Yte,
+                   {"alpha": float(a), "wall_s": round(time.time() - t, 2), "n_features": int(Ftr.shape[1])})
+            P, alpha = regression(F, F, secs, train, test, Ytr)
+            record(rows, fold, f"histoclip regression | {name}", None, P, Yte, {"alpha": alpha})
+    df = pd.DataFrame(rows)
+    score = patient_score(df).sort_values(ascending=False)
+    res = {"metric": METRIC, "backbone": backbone, "weights": None if weights is None else str(weights),
+           "model_kwargs": model_kwargs, "mpp": mpp,
+           "patient_level_score": {k: round(float(v), 4) for k, v in score.items()},
+           "score_is": "mean of the two patient-level directions (C2-C6 -> B4, and the mean over B4 -> C2..C6)",
+           "total_s": round(time.time() - t0, 1), "load": open("/proc/loadavg").read().split()[:3], "records": rows}
+    slug = "".join(c if c.isalnum() else "_" for c in backbone)
+    (out / f"prediction_backbone_{slug}.json").write_text(json.dumps(res, indent=1))
+    print(score.to_string())
+    return res
+
+
 def record(rows, fold, method, seed, P, Yte, info=None):
     r = _r(P, Yte) if method != "training mean" else np.zeros(Yte.shape[1])
     row = {"kind": fold["kind"], "fold": fold["name"], "method": method, "seed": seed, "mean_r": float(r.mean()),
@@ -260,7 +322,23 @@ def main() -> None:
     ap.add_argument("--no-retrieval", action="store_true", help="skip the contrastive models (factors only)")
     ap.add_argument("--cnn", action="store_true", help="only the small-CNN side study (prediction_cnn.json)")
     ap.add_argument("--report-only", action="store_true", help="rewrite prediction.md from prediction.json")
+    ap.add_argument("--backbone", default=None, help="run the backbone study with this hc.tl.image_features backbone")
+    ap.add_argument("--weights", type=Path, default=None, help="local weights file of --backbone")
+    ap.add_argument("--mean", type=float, nargs=3, default=None, help="RGB normalisation of --backbone's weights")
+    ap.add_argument("--std", type=float, nargs=3, default=None)
+    ap.add_argument("--mpp", type=float, default=None, help="microns per pixel (default: the registry's, else 0.5)")
+    ap.add_argument("--model-kwargs", type=json.loads, default=None, help='architecture arguments as JSON, e.g. '
+                    '\'{"init_values": 1e-5}\'')
     args = ap.parse_args()
+    if args.backbone is not None:
+        from histoclip.module._foundation import known_model
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        hc.settings.progress = False
+        args.out.mkdir(parents=True, exist_ok=True)
+        mpp = args.mpp if args.mpp is not None else (None if known_model(args.backbone) else 0.5)
+        backbone_study(args.backbone, args.weights, args.mean, args.std, mpp, args.out, args.model_kwargs)
+        return
     if args.cnn:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         hc.settings.progress = False

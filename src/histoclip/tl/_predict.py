@@ -45,10 +45,19 @@ def _ensure_features(query, model: HistoCLIP) -> None:
         )
     from ._features import image_features
 
+    backbones = [fp["backbone"]] if isinstance(fp["backbone"], str) else [str(b) for b in fp["backbone"]]
+    if any(b.startswith("module:") for b in backbones):
+        raise KeyError(
+            f"The query has no obsm[{key!r}], and the model's features came from a torch.nn.Module ({backbones}) that "
+            "cannot be rebuilt from the record: compute them with histoclip.tl.image_features(query, backbone=<the "
+            f"same module>, ..., key_added={key!r}) first."
+        )
     logger.info("Computing the query's image features with the training settings %s", fp)
+    extra = {k: (dict(fp[k]) if k == "model_kwargs" else [float(v) for v in fp[k]])
+             for k in ("model_kwargs", "mean", "std") if k in fp}
     image_features(query, backbone=fp["backbone"], weights=fp.get("weights"), sizes_um=list(fp["sizes_um"]),
                    patch_px=int(fp["patch_px"]), tta=bool(fp["tta"]), stain_norm=fp.get("stain_norm"),
-                   img_key=fp.get("img_key"), key_added=key)
+                   img_key=fp.get("img_key"), key_added=key, **extra)
 
 
 def _features_text(model: HistoCLIP) -> str:
