@@ -2,7 +2,6 @@
 
 Usage: python benchmarks/domains_slides.py [SLIDE ...] [--seeds 0 1 2 3 4] [--init-seeds] [--no-image SLIDE ...]
                                            [--out benchmarks/results/domains_slides]
-                                           [--out benchmarks/results/domains_slides]
 
 Slides (names; the data are in ../shared/data beside the repository):
 
