@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/domains_slides.py [SLIDE ...] [--seeds 0 1 2 3 4] [--init-seeds] [--no-image SLIDE ...]
                                            [--out benchmarks/results/domains_slides]
+       python benchmarks/domains_slides.py --from-json A.json B.json --out ...   (merge runs made side by side)
 
 Slides (names; the data are in ../shared/data beside the repository):
 
