@@ -1,0 +1,185 @@
+"""Hostile and odd inputs: TIFF layouts and colour encodings, model and checkpoint files that claim too much,
+records that travel with a file, non-finite models. One test per row of the "Hostile and odd files" table of
+docs/bad_input.md; each input is read right, or refused before any work with a message naming the file and the fix,
+within bounded memory and time, and the user's data is never overwritten."""
+
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import histoclip as hc
+from histoclip.io import open_image
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
+SRC = Path(hc.__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def run_bounded(code: str, limit_gib: float = 1.5, timeout: float = 120) -> str:
+    """Run ``code`` in a child process under an address-space limit; return its stdout (it must exit 0)."""
+    script = textwrap.dedent(f"""
+        import resource, time
+        limit = int({limit_gib} * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        t0 = time.perf_counter()
+    """) + textwrap.dedent(code) + textwrap.dedent("""
+        print("seconds", time.perf_counter() - t0)
+        print("maxrss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    """)
+    env = {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def one_strip_bomb(path: Path, side: int) -> None:
+    """A side x side RGB TIFF of zeros stored as one deflate strip: a few MB that decode to 3 side**2 bytes."""
+    comp, row, parts, left = zlib.compressobj(1), bytes(side * 3 * 512), [], side * side * 3
+    while left:
+        n = min(len(row), left)
+        parts.append(comp.compress(row[:n]))
+        left -= n
+    parts.append(comp.flush())
+    blob = b"".join(parts)
+    tifffile.imwrite(path, iter([blob]), shape=(side, side, 3), dtype=np.uint8, photometric="rgb",
+                     compression="zlib", rowsperstrip=side)
+
+
+# ------------------------------------------------------------------------------------------------ TIFF resources
+def test_tiff_strip_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.tif"
+    one_strip_bomb(path, 24_000)  # 4.6 MB on disk, 1.6 GiB decoded
+    assert path.stat().st_size < 10 * 2**20
+    out = run_bounded(f"""
+        import histoclip as hc
+        try:
+            hc.io.open_image({str(path)!r}).read_patch(100, 100, 210, 210, 32)
+        except ValueError as err:
+            print("refused", err)
+    """)
+    assert "refused" in out, out
+    msg = out.split("refused", 1)[1]
+    assert "bomb.tif" in msg and "strips or tiles of 1,648 MiB" in msg and "tiled pyramidal TIFF" in msg
+    assert "tifffile.imwrite" in msg and "vips tiffsave" in msg
+    assert float(re.search(r"seconds (\S+)", out).group(1)) < 5
+    assert float(re.search(r"maxrss_mib (\S+)", out).group(1)) < 600
+
+
+def test_tiff_with_large_strips_under_the_pixel_limit_is_decoded_once(tmp_path, monkeypatch):
+    from histoclip.io import _image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, rgb, compression="zlib", rowsperstrip=300)  # one 180 kB strip
+    monkeypatch.setattr(_image, "MAX_TIFF_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(hc.settings, "cachedir", tmp_path / "cache")
+    image = open_image(path)
+    assert isinstance(image.array, np.memmap)  # decoded once into the cache, then memory-mapped
+    np.testing.assert_array_equal(image.read(10, 20, 60, 90), rgb[20:90, 10:60])
+    monkeypatch.setattr(hc.settings, "max_image_pixels", 50_000)
+    with pytest.raises(ValueError, match=r"strip.tif' stores its 300x200x3 pixels in strips or tiles of 0 MiB.*"
+                                         r"max_image_pixels = 50,000.*tiled pyramidal TIFF"):
+        open_image(path)
+
+
+def test_truncated_tiff_names_the_path(tmp_path):
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 256, (400, 300, 3), dtype=np.uint8),
+                     compression="zlib")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut.tif' is truncated: its image data runs to byte [\d,]+ but the file "
+                                         r"has [\d,]+ bytes"):
+        open_image(path)
+    path.write_bytes(b"II*\x00" + b"\xff" * 20)  # a header pointing nowhere
+    with pytest.raises(ValueError, match=r"cut.tif' is not a readable TIFF"):
+        open_image(path)
+
+
+# ------------------------------------------------------------------------------------------------ TIFF pixels
+def _tissue() -> np.ndarray:
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[...] = (200, 100, 50)
+    rgb[:, 25:] = (30, 160, 240)
+    rgb[:10] = 255
+    return rgb
+
+
+def _to_cmyk(rgb: np.ndarray) -> np.ndarray:
+    f = rgb.astype(np.float64) / 255
+    k = 1 - f.max(-1, keepdims=True)
+    cmy = np.where(k < 1, (1 - f - k) / np.maximum(1 - k, 1e-12), 0)
+    return np.round(np.concatenate([cmy, k], -1) * 255).astype(np.uint8)
+
+
+def test_cmyk_tiff_is_converted(tmp_path):
+    rgb = _tissue()
+    tifffile.imwrite(tmp_path / "cmyk.tif", _to_cmyk(rgb), photometric="separated")
+    got = open_image(tmp_path / "cmyk.tif").read(0, 0, 50, 40)
+    assert np.abs(got.astype(int) - rgb).max() <= 1  # (it was read as RGBA: (200, 100, 50) -> (55, 155, 205))
+
+
+def test_unsupported_photometric_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "lab.tif", np.zeros((20, 20, 3), np.uint8), photometric="cielab")
+    with pytest.raises(ValueError, match=r"lab.tif' stores colours as photometric=CIELAB.*convert\('RGB'\)"):
+        open_image(tmp_path / "lab.tif")
+
+
+def test_miniswhite_tiff_is_inverted(tmp_path):
+    grey = np.arange(0, 250, 10, dtype=np.uint8).reshape(5, 5)
+    tifffile.imwrite(tmp_path / "mw.tif", grey, photometric="miniswhite")
+    np.testing.assert_array_equal(open_image(tmp_path / "mw.tif").read(0, 0, 5, 5)[..., 0], 255 - grey)
+
+
+def test_twelve_bit_uint16_tiff_is_scaled_by_its_range(tmp_path, caplog):
+    rgb = _tissue()
+    twelve = (rgb.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "tagged.tif", twelve, photometric="rgb", extratags=[(341, "H", 3, (4095,) * 3, True)])
+    tifffile.imwrite(tmp_path / "untagged.tif", twelve, photometric="rgb")
+    with caplog.at_level(logging.INFO, logger="histoclip"):
+        tagged = open_image(tmp_path / "tagged.tif").read(0, 0, 50, 40)
+        assert "read as [0, 4095] from its SMaxSampleValue tag" in caplog.text
+        untagged = open_image(tmp_path / "untagged.tif").read(0, 0, 50, 40)
+        assert "sampled maximum of 4095: read as 12-bit data" in caplog.text
+    assert np.abs(tagged.astype(int) - rgb).max() <= 1  # (it was divided by 257: 16x too dark)
+    assert np.abs(untagged.astype(int) - rgb).max() <= 1
+    full = (rgb.astype(np.uint16) * 257)  # a real 16-bit image keeps the [0, 65535] rule
+    tifffile.imwrite(tmp_path / "sixteen.tif", full, photometric="rgb")
+    np.testing.assert_array_equal(open_image(tmp_path / "sixteen.tif").read(0, 0, 50, 40), rgb)
+
+
+def test_nan_pixels_read_as_background(tmp_path):
+    img = _tissue().astype(np.float32) / 255
+    img[20:, :5] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", img, photometric="rgb")
+    got = open_image(tmp_path / "nan.tif").read(-3, 18, 8, 25)
+    np.testing.assert_array_equal(got[2:, :8], 255)  # NaN like the white padding outside the image
+    np.testing.assert_array_equal(got[2:, 8:], np.broadcast_to(np.uint8([200, 100, 50]), (5, 3, 3)))
+
+
+def test_tiff_whose_first_page_is_a_thumbnail(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "thumb_first.tif") as tif:
+        tif.write(rgb[::10, ::10], photometric="rgb")  # the thumbnail some scanners store first
+        tif.write(rgb, photometric="rgb", compression="zlib", tile=(64, 64))
+        tif.write(rgb[::20, ::20].copy(), photometric="rgb")  # a label image
+    image = open_image(tmp_path / "thumb_first.tif")
+    assert image.shape == (300, 400)
+    np.testing.assert_array_equal(image.read(350, 250, 400, 300), rgb[250:300, 350:400])
+
+
+# ------------------------------------------------------------------------------------------------ the docs
+def test_every_test_is_a_row_of_the_docs_table():
+    text = DOC.read_text().split("## Hostile and odd files", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(test_\w+)`", text))
+    this = "test_every_test_is_a_row_of_the_docs_table"
+    here = {name for name in globals() if name.startswith("test_") and name != this}
+    assert here == documented
