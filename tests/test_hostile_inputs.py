@@ -3,6 +3,8 @@ records that travel with a file, non-finite models. One test per row of the "Hos
 docs/bad_input.md; each input is read right, or refused before any work with a message naming the file and the fix,
 within bounded memory and time, and the user's data is never overwritten."""
 
+import copy
+import json
 import logging
 import re
 import subprocess
@@ -12,11 +14,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 
 import histoclip as hc
 from histoclip.io import open_image
+
+from .test_bad_input import assert_unchanged, snapshot
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
 SRC = Path(hc.__file__).resolve().parents[1]
@@ -24,8 +29,12 @@ SRC = Path(hc.__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def run_bounded(code: str, limit_gib: float = 1.5, timeout: float = 120) -> str:
-    """Run ``code`` in a child process under an address-space limit; return its stdout (it must exit 0)."""
+def run_bounded(code: str, limit_gib: float = 3, timeout: float = 120) -> str:
+    """Run ``code`` in a child process; return its stdout (it must exit 0), with its time and peak memory.
+
+    The address-space limit only keeps a regression from taking the machine's memory (torch alone reserves about
+    1 GiB of address space); the bounds are asserted on the child's peak resident memory.
+    """
     script = textwrap.dedent(f"""
         import resource, time
         limit = int({limit_gib} * 2**30)
@@ -183,3 +192,148 @@ def test_every_test_is_a_row_of_the_docs_table():
     this = "test_every_test_is_a_row_of_the_docs_table"
     here = {name for name in globals() if name.startswith("test_") and name != this}
     assert here == documented
+
+
+# ------------------------------------------------------------------------------------------------ model files
+TINY = {"n_genes": 20, "patch_px": 8, "hidden_dim": 32, "latent_dim": 8}
+FIT = {"batch_size": 32, "rng": 0, "accelerator": "cpu"}
+
+
+@pytest.fixture
+def small():
+    adata = hc.datasets.toy(n_rows=8, n_cols=8, n_genes=40, rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, one_torch_thread):
+    """A trained tiny model's file: (bytes, metadata, tensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    adata = hc.datasets.toy(n_rows=8, n_cols=8, n_genes=40, rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+    path = hc.model.HistoCLIP(adata, **TINY).train(1, **FIT).save(tmp_path_factory.mktemp("model"))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["histoclip"])
+    return path.read_bytes(), meta, load_file(str(path))
+
+
+def write_model(folder: Path, meta: dict, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"histoclip": json.dumps(meta)})
+    return folder
+
+
+def test_model_file_claiming_a_huge_patch_size(saved, tmp_path):
+    _, meta, tensors = saved
+    for px in (2048, 257):
+        meta = json.loads(json.dumps(meta))
+        meta["init_params"]["patch_px"] = px
+        folder = write_model(tmp_path / f"px{px}", meta, tensors)
+        with pytest.raises(ValueError, match=rf"model.safetensors is not a valid histoclip model file: "
+                                             rf"init_params.patch_px = {px} is outside \[8, 256\]"):
+            hc.model.HistoCLIP.load(folder, accelerator="cpu")
+
+
+def test_embed_memory_is_bounded_whatever_the_patch_size(saved, tmp_path):
+    """A model file may still ask for 256-px patches: tl.embed cuts its batches to a fixed memory budget."""
+    _, meta, tensors = saved
+    meta = json.loads(json.dumps(meta))
+    meta["init_params"]["patch_px"] = 256
+    folder = write_model(tmp_path / "px256", meta, tensors)
+    out = run_bounded(f"""
+        import torch
+        import histoclip as hc
+        torch.set_num_threads(1)
+        hc.settings.progress = False
+        adata = hc.datasets.toy(n_rows=8, n_cols=12, n_genes=40, rng=0)  # 96 spots
+        hc.pp.extract_patches(adata, size_um=110)
+        model = hc.model.HistoCLIP.load({str(folder)!r}, adata, accelerator="cpu")
+        hc.tl.embed(adata, model, modality="image")
+        print("shape", adata.obsm["X_histoclip_image"].shape)
+    """, timeout=300)
+    assert "shape (96, 32)" in out, out
+    # one batch of 96 such patches took ~2.4 GB; the budget's batches of 10 stay under 256 MiB of activations
+    assert float(re.search(r"maxrss_mib (\S+)", out).group(1)) < 1000
+
+
+def test_model_file_with_huge_finite_weights(saved, tmp_path):
+    _, meta, tensors = saved
+    name = next(k for k in tensors if k.startswith("module.image_encoder") and k.endswith("weight"))
+    huge = {**tensors, name: tensors[name] * 1e30}
+    with pytest.raises(ValueError, match=r"px.*model.safetensors is not a valid histoclip model file: 1 weights hold "
+                                         r"values above 1e\+08.*overflow"):
+        hc.model.HistoCLIP.load(write_model(tmp_path / "px", meta, huge), accelerator="cpu")
+
+
+def test_embed_refuses_non_finite_embeddings(saved, small, tmp_path):
+    import torch
+
+    _, meta, tensors = saved
+    # weights under the load bound that still overflow together: every layer of the image tower times 1e7
+    scaled = {k: (v * 1e7 if k.startswith("module.image") and v.is_floating_point() and "running_var" not in k
+                  else v) for k, v in tensors.items()}
+    folder = write_model(tmp_path / "big", meta, scaled)
+    model = hc.model.HistoCLIP.load(folder, small, accelerator="cpu")
+    with torch.inference_mode():
+        assert not np.isfinite(model.get_latent_representation(small, modality="image")).all()
+    before = snapshot(small)
+    with pytest.raises(ValueError, match=r"model loaded from .*big/model.safetensors gives NaN or inf embeddings for "
+                                         r"\d+ of 64 spots .*Nothing was written. Retrain"):
+        hc.tl.embed(small, model)
+    assert_unchanged(small, before)
+
+
+# ------------------------------------------------------------------------------------------------ records
+def test_record_copied_from_another_object_does_not_claim_a_column(small):
+    other = small.copy()
+    other.obsm["X_histoclip"] = np.random.default_rng(0).normal(size=(other.n_obs, 4)).astype(np.float32)
+    hc.tl.domains(other, n_domains=2, use_rep="X_histoclip", key_added="region")
+    small.obsm["X_histoclip"] = other.obsm["X_histoclip"].copy()
+    small.obs["region"] = pd.Categorical(["tumour", "stroma"] * (small.n_obs // 2))  # the user's labels
+    small.uns["histoclip"] = copy.deepcopy(dict(other.uns["histoclip"]))  # the record (and hashes) travel along
+    assert small.uns["histoclip"]["params"]["domains"]["key_added"] == "region"
+    before = snapshot(small)
+    with pytest.raises(ValueError, match=r"key_added='region' would overwrite adata.obs\['region'\], which histoclip "
+                                         r"did not write .*del adata.obs\['region'\]"):
+        hc.tl.domains(small, n_domains=2, use_rep="X_histoclip", key_added="region")
+    assert_unchanged(small, before)
+    # a column histoclip wrote and the user then replaced is the user's too
+    hc.tl.domains(other, n_domains=3, use_rep="X_histoclip", key_added="region")  # its own column: replaced
+    other.obs["region"] = other.obs["region"].cat.rename_categories(["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"which histoclip did not write \(it is your data, or it was changed"):
+        hc.tl.domains(other, n_domains=2, use_rep="X_histoclip", key_added="region")
+
+
+def test_rerun_replaces_its_own_column_after_an_h5ad_round_trip(small, tmp_path):
+    import anndata as ad
+
+    small.obsm["X_histoclip"] = np.random.default_rng(0).normal(size=(small.n_obs, 4)).astype(np.float32)
+    hc.tl.domains(small, n_domains=2, use_rep="X_histoclip", key_added="my_domains")
+    small.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    hc.tl.domains(back, n_domains=3, use_rep="X_histoclip", key_added="my_domains")
+    assert back.obs["my_domains"].nunique() == 3
+
+
+def test_image_embedding_after_a_joint_keeps_the_record_true(small):
+    model = hc.model.HistoCLIP(small, **TINY).train(1, **FIT)
+    hc.tl.embed(small, model)
+    joint = small.obsm["X_histoclip"].copy()
+    hc.tl.embed(small, model, modality="image")  # the same model: everything stored is still the joint call's
+    record = small.uns["histoclip"]["params"]["embed"]
+    assert record["modality"] == "all"
+    np.testing.assert_array_equal(small.obsm["X_histoclip"], joint)
+    other = hc.model.HistoCLIP(small, **TINY).train(1, batch_size=32, rng=1, accelerator="cpu")
+    before = snapshot(small)
+    with pytest.raises(ValueError, match=r"adata.obsm\['X_histoclip'\], adata.obsm\['X_histoclip_expression'\], "
+                                         r"adata.obs\['histoclip_image_weight'\] hold the joint embedding of another "
+                                         r"model.*del adata.obsm\['X_histoclip'\]"):
+        hc.tl.embed(small, other, modality="image")
+    assert_unchanged(small, before)
+    hc.tl.embed(small, other, modality="image", key_added="X_other")  # under its own key: recorded as an image call
+    assert small.uns["histoclip"]["params"]["embed"]["modality"] == "image"

@@ -42,17 +42,21 @@ OPTIMIZER_FILE = "optimizer.safetensors"  # written next to FILE_NAME by train(c
 FORMAT = 1
 
 # Bounds on the integer settings a model file may hold. Everything that sizes a tensor is also checked against the
-# file's own tensors (meta-device build); these bounds cover what sizes work later (patch_px: every embedded batch)
-# and keep absurd values out of the meta build itself. Integers not listed get GENERIC_INT_BOUND.
+# file's own tensors (meta-device build); these bounds cover what sizes work later and is not in the tensors, and
+# keep absurd values out of the meta build itself. patch_px sizes every image the network sees: one 256-px patch
+# costs ~25 MB of activations and ~1 GFLOP in the small CNN (tl.embed shrinks its batches to a fixed memory budget;
+# time still grows with patch_px ** 2; 224 px is the usual ImageNet input);
+# n_neighbors sizes the spatial graph (n_spots * n_neighbors entries). Integers not listed get GENERIC_INT_BOUND.
 INT_BOUNDS: dict[str, tuple[int, int]] = {
     "n_genes": (1, 200_000),
     "hidden_dim": (2, 65_536),
     "latent_dim": (1, 16_384),
-    "patch_px": (8, 2_048),
-    "n_neighbors": (1, 1_000),
+    "patch_px": (8, 256),
+    "n_neighbors": (1, 100),
     "image_in_features": (1, 1_000_000),
 }
 GENERIC_INT_BOUND = 10_000_000
+MAX_WEIGHT = 1e8  # trained weights (and batch-norm statistics) are far smaller; 1e20 squared overflows float32
 MAX_GENES = 200_000
 MAX_HISTORY_ROWS = 1_000_000
 _ALLOWED_DTYPES = {"F16", "BF16", "F32", "F64", "I64", "I32", "U8", "BOOL"}
@@ -381,6 +385,12 @@ def load_model(cls: type[HistoCLIP], path: str | os.PathLike, data=None, *, acce
         raise _bad(file, f"its weights do not fit the model it describes ({err})") from err
     if any(not torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         raise _bad(file, "its weights hold NaN or inf values")
+    huge = sorted(k for k, v in state.items() if v.is_floating_point() and v.numel()
+                  and float(v.abs().max()) > MAX_WEIGHT)
+    if huge:
+        raise _bad(file, f"{len(huge)} weights hold values above {MAX_WEIGHT:.0e} in size (first: {huge[:3]}): finite, "
+                         "but they overflow to inf in the first layers (trained weights are of order one)")
+    self._loaded_from = str(file)
     self.device = pick_device(accelerator)
     self.module.to(self.device).eval()
     epoch = int(self.history["epoch"].max()) if len(self.history) else 0
