@@ -337,3 +337,97 @@ def test_image_embedding_after_a_joint_keeps_the_record_true(small):
     assert_unchanged(small, before)
     hc.tl.embed(small, other, modality="image", key_added="X_other")  # under its own key: recorded as an image call
     assert small.uns["histoclip"]["params"]["embed"]["modality"] == "image"
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, one_torch_thread):
+    """A checkpoint folder after one epoch: (folder, optimizer metadata, optimizer tensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    adata = hc.datasets.toy(n_rows=8, n_cols=8, n_genes=40, rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+    folder = tmp_path_factory.mktemp("ckpt")
+    hc.model.HistoCLIP(adata, **TINY).train(1, checkpoint_dir=folder, **FIT)
+    with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["histoclip_optimizer"])
+    return folder, meta, load_file(str(folder / "optimizer.safetensors"))
+
+
+def _group(**changes):
+    return lambda meta, t: meta["param_groups"][0].update(changes)
+
+
+OPTIMIZER_FAULTS = {
+    "maximize": (_group(maximize=True), r"maximize = True in its param group"),
+    "beta_one": (_group(betas=[1.0, 0.999]), r"betas\[0\] = 1.0 is outside \[0.0, 1.0\)"),
+    "beta_negative": (_group(betas=[0.9, -0.5]), r"betas\[1\] = -0.5 is outside"),
+    "eps_zero": (_group(eps=0.0), r"eps = 0.0 is outside"),
+    "lr_string": (_group(lr="0.001"), r"lr = '0.001' is not a number"),
+    "amsgrad": (_group(amsgrad=True), r"amsgrad = True"),
+    "unknown_entry": (_group(nesterov=True), r"entries \['nesterov'\] are not AdamW's"),
+    "duplicated_group": (lambda meta, t: meta["param_groups"].append(dict(meta["param_groups"][0])),
+                         r"param_groups must be one group"),
+    "duplicated_param": (lambda meta, t: meta["param_groups"][0]["params"].append(0), r"not each of the model's"),
+    "negative_second_moment": (lambda meta, t: t["state.0.exp_avg_sq"].fill_(-1.0), r"negative second moments"),
+    "nan_moment": (lambda meta, t: t["state.1.exp_avg"].fill_(float("nan")), r"state.1.exp_avg holds NaN"),
+    "negative_step": (lambda meta, t: t["state.0.step"].fill_(-3.0), r"state.0.step must be one non-negative"),
+    "float16_moment": (lambda meta, t: t.update({"state.0.exp_avg": t["state.0.exp_avg"].half()}),
+                       r"state.0.exp_avg is torch.float16, not float32"),
+    "string_scalar": (lambda meta, t: meta.update(scalars={"0.step": "4"}), r"scalar 0.step = '4' is not a number"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(OPTIMIZER_FAULTS))
+def test_optimizer_checkpoint_fields_are_checked(checkpoint, small, tmp_path, fault):
+    from safetensors.torch import save_file
+
+    folder, meta, tensors = checkpoint
+    edit, message = OPTIMIZER_FAULTS[fault]
+    meta, tensors = json.loads(json.dumps(meta)), {k: v.clone() for k, v in tensors.items()}
+    edit(meta, tensors)
+    case = tmp_path / "ckpt"
+    case.mkdir()
+    (case / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    save_file(tensors, str(case / "optimizer.safetensors"), metadata={"histoclip_optimizer": json.dumps(meta)})
+    with pytest.raises(ValueError, match=rf"ckpt/optimizer.safetensors is not a valid optimizer checkpoint .*"
+                                         rf"{message}.*Delete it to resume with fresh optimizer moments"):
+        hc.model.HistoCLIP.load(case, small, accelerator="cpu")
+    (case / "optimizer.safetensors").unlink()  # the fix in the message works
+    hc.model.HistoCLIP.load(case, small, accelerator="cpu").train(1, **FIT)
+
+
+def test_model_weights_of_another_dtype_are_refused(saved, tmp_path):
+    import torch
+
+    _, meta, tensors = saved
+    weight = next(k for k in tensors if k.startswith("module.") and tensors[k].is_floating_point())
+    for dtype, name in ((torch.float16, "F16"), (torch.int64, "I64")):
+        folder = write_model(tmp_path / name, meta, {**tensors, weight: tensors[weight].to(dtype)})
+        with pytest.raises(ValueError, match=rf"tensors stored as another dtype than histoclip writes .*refused, not "
+                                             rf"cast.*{re.escape(weight)} {name} instead of F32"):
+            hc.model.HistoCLIP.load(folder, accelerator="cpu")
+
+
+def test_predictor_tensors_must_fit_the_model(saved, tmp_path):
+    import torch
+
+    _, meta, tensors = saved
+    latent, genes = meta["init_params"]["latent_dim"], len(meta["genes"])
+    bank = {"predictor.bank.expression_embedding": torch.ones(30, latent),
+            "predictor.bank.image_embedding": torch.ones(30, latent),
+            "predictor.bank.expression": torch.ones(30, genes)}
+    model = hc.model.HistoCLIP.load(write_model(tmp_path / "ok", meta, {**tensors, **bank}), accelerator="cpu")
+    assert model.predictor_state["bank"]["expression"].shape == (30, genes)
+    for name, bad, message in (
+        ("predictor.bank.image_embedding", torch.ones(30, latent + 3), r"image_embedding has shape \(30, 11\), which "
+                                                                       r"does not fit.*D = 8"),
+        ("predictor.bank.expression", torch.ones(29, genes), r"expression has shape \(29, 20\).*N = 30"),
+        ("predictor.bank.expression_embedding", torch.ones(30, latent, 2), r"expected 2 dimensions"),
+        ("predictor.nonsense.x", torch.ones(3), r"predictor 'nonsense' holds tensors \['x'\]"),
+    ):
+        folder = write_model(tmp_path / name, meta, {**tensors, **bank, name: bad})
+        with pytest.raises(ValueError, match=rf"{re.escape(name.split('.')[0])}.*model.safetensors is not a valid "
+                                             rf"histoclip model file: .*{message}"):
+            hc.model.HistoCLIP.load(folder, accelerator="cpu")
