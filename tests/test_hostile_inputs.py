@@ -431,3 +431,39 @@ def test_predictor_tensors_must_fit_the_model(saved, tmp_path):
         with pytest.raises(ValueError, match=rf"{re.escape(name.split('.')[0])}.*model.safetensors is not a valid "
                                              rf"histoclip model file: .*{message}"):
             hc.model.HistoCLIP.load(folder, accelerator="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ smaller
+def test_all_spots_at_one_coordinate(small):
+    small.obsm["spatial"][:] = (500.0, 500.0)
+    small.obsm["X_histoclip"] = np.random.default_rng(0).normal(size=(small.n_obs, 4)).astype(np.float32)
+    before = snapshot(small)
+    with pytest.raises(ValueError, match=r"All 64 spots of library 'toy' sit at one point of obsm\['spatial'\]: "
+                                         r"spatial neighbours .*cannot be defined"):
+        hc.tl.domains(small, n_domains=2, use_rep="X_histoclip")
+    assert_unchanged(small, before)
+    with pytest.raises(ValueError, match=r"sit at one point"):
+        hc.pp.spatial_neighbors(small)
+
+
+def test_seed_beyond_what_the_libraries_take():
+    from histoclip._utils import resolve_seed
+
+    assert resolve_seed(2**32 - 1) == 2**32 - 1
+    for seed in (2**32, 2**70, np.uint64(2**63)):
+        with pytest.raises(ValueError, match=r"rng must be an int seed in \[0, 2\*\*32 - 1\].*got \d+"):
+            resolve_seed(seed)
+
+
+def test_saved_model_files_follow_the_umask(saved, small, tmp_path):
+    import os
+
+    model = hc.model.HistoCLIP(small, **TINY).train(1, **FIT)
+    old = os.umask(0o022)
+    try:
+        path = model.save(tmp_path / "m")
+        assert path.stat().st_mode & 0o777 == 0o644  # (mkstemp's 0600 made it private to the writer)
+        os.umask(0o077)
+        assert model.save(tmp_path / "p").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

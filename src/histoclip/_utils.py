@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 RNGLike = int | np.random.Generator | np.random.SeedSequence
+MAX_SEED = 2**32 - 1
 
 
 def resolve_seed(rng: RNGLike | None) -> int:
@@ -25,14 +27,37 @@ def resolve_seed(rng: RNGLike | None) -> int:
     if isinstance(rng, bool):
         raise TypeError(f"rng must be an int seed or a numpy.random.Generator, got {rng!r}.")
     if isinstance(rng, int | np.integer):
-        if rng < 0:
-            raise ValueError(f"rng must be a non-negative int seed, got {rng}.")
+        if not 0 <= rng <= MAX_SEED:
+            raise ValueError(f"rng must be an int seed in [0, 2**32 - 1] (numpy, scikit-learn and torch all take it), "
+                             f"got {rng}. Pass a smaller seed, or a numpy.random.Generator.")
         return int(rng)
     if isinstance(rng, np.random.Generator):
         return int(rng.integers(0, 2**31 - 1))
     if isinstance(rng, np.random.SeedSequence):
         return int(rng.generate_state(1)[0] % (2**31 - 1))
     raise TypeError(f"rng must be an int seed or a numpy.random.Generator, got {type(rng).__name__}.")
+
+
+def check_coordinates_spread(coords: np.ndarray, groups: np.ndarray | None = None) -> None:
+    """Refuse spots whose coordinates cannot define neighbours: every spot of a library at one point."""
+    coords = np.asarray(coords, dtype=np.float64)
+    labels = np.zeros(len(coords), dtype=int) if groups is None else np.asarray(groups)
+    for g in dict.fromkeys(labels.tolist()):
+        xy = coords[labels == g]
+        if len(xy) > 1 and np.all(xy == xy[0]):
+            where = "" if groups is None else f" of library {g!r}"
+            raise ValueError(
+                f"All {len(xy)} spots{where} sit at one point of obsm['spatial']: spatial neighbours (and spatial "
+                "domains) cannot be defined. Set obsm['spatial'] to each spot's (x, y) in full-resolution pixels "
+                "(e.g. from Space Ranger's tissue_positions file)."
+            )
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once), for files made with ``mkstemp``."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def child_seeds(seed: int, n: int) -> list[int]:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .._settings import logger, settings
+from .._utils import current_umask
 
 _SAMPLE_POINTS = 256
 # The most one TIFF strip or tile may decode to for the file to be read lazily: every patch decodes the strips or
@@ -570,6 +571,7 @@ def _decode_tiff_to_cache(path: Path, cache: Path, index: int, shape: tuple[int,
                 from err
         out.flush()
         del out
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, cache)
     finally:
         if os.path.exists(tmp):
@@ -618,6 +620,7 @@ def _decode_to_cache(path: Path, cache: Path) -> None:
         with os.fdopen(fd, "wb") as fh:  # a file object: np.save would append ".npy" to a path
             np.save(fh, arr)
         del arr
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep a shared cache private to one user
         os.replace(tmp, cache)
     finally:
         if os.path.exists(tmp):

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from .._settings import logger
+from .._utils import current_umask
 from .._version import __version__
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ def _write(tensors: dict, target: Path, metadata: dict[str, str], *, overwrite: 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would make the model private to its writer
         _publish(tmp, target, overwrite=overwrite)
     finally:
         if os.path.exists(tmp):
