@@ -442,7 +442,7 @@ def test_image_larger_than_the_pixel_limit(small, tmp_path, monkeypatch):
 
 
 def test_every_test_is_a_row_of_the_docs_table():
-    text = DOC.read_text()
+    text = DOC.read_text().split("\n## ", 1)[0]  # the first table (the others name tests of other files)
     rows = [line for line in text.splitlines() if line.startswith("|") and "`test_" in line]
     documented = set(re.findall(r"`(test_\w+)`", "\n".join(rows)))
     this = "test_every_test_is_a_row_of_the_docs_table"

@@ -38,7 +38,10 @@ def saved(tmp_path_factory):
     model = HistoCLIP(adata, n_genes=20, patch_px=8, hidden_dim=32, latent_dim=8).train(
         1, batch_size=32, rng=0, accelerator="cpu")
     # as if predict_expression had built its reference bank: saved with the model, read back by load
-    model.predictor_state = {"retrieval": {"embedding": np.ones((64, 16), np.float32), "k": np.asarray(5)}}
+    rng = np.random.default_rng(0)
+    model.predictor_state = {"bank": {"expression_embedding": rng.normal(size=(64, 8)).astype(np.float32),
+                                      "image_embedding": rng.normal(size=(64, 8)).astype(np.float32),
+                                      "expression": rng.random((64, 20)).astype(np.float32)}}
     folder = tmp_path_factory.mktemp("base")
     path = model.save(folder)
     from safetensors import safe_open
@@ -155,5 +158,105 @@ def test_load_survives_mutated_model_files(saved, tmp_path):
         assert not strays, (case, what, strays)
         assert not [p for p in _OPENED if "outside" in p], (case, what)
     assert outcomes["rejected"] > N_CASES // 3  # the mutations do reach the checks
+    assert outcomes["loaded"] > 0  # and the unmutated parts of the file (predictors included) load
     # memory: no file claimed more than its own size (a 60,000-wide layer alone would be gigabytes)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300 * 1024  # KiB
+
+
+# ------------------------------------------------------------------------------------------ checkpoint folders
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint folder after one epoch: (model bytes, optimizer metadata, optimizer tensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    adata = hc.datasets.toy(n_rows=8, n_cols=8, n_genes=40, rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+    folder = tmp_path_factory.mktemp("ckpt")
+    HistoCLIP(adata, n_genes=20, patch_px=8, hidden_dim=32, latent_dim=8).train(
+        1, batch_size=32, rng=0, accelerator="cpu", checkpoint_dir=folder)
+    with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["histoclip_optimizer"])
+    return (folder / "model.safetensors").read_bytes(), meta, load_file(str(folder / "optimizer.safetensors"))
+
+
+OPTIMIZER_VALUES = [
+    True, False, None, 0, 1, -1, 0.5, 1.0, 1.5, -0.5, 1e-300, 1e308, float("nan"), float("inf"), "0.9", "", [],
+    [0.9], [0.9, 0.999], [1.0, 0.999], [0.9, -0.1], {"a": 1}, 10**20,
+]
+
+
+def mutate_optimizer(rng: np.random.Generator, meta: dict, tensors: dict):
+    """One hostile variant of an optimizer file, touching every field it has: (meta, tensors, description)."""
+    import torch
+
+    meta, tensors = json.loads(json.dumps(meta)), {k: v.clone() for k, v in tensors.items()}
+    kind = rng.choice(["group", "group", "group", "groups", "params", "tensor", "tensor", "scalars", "drop", "none"])
+    group = meta["param_groups"][0]
+    if kind == "group":  # any entry of the param group, or a new one
+        name = [*group, "nesterov"][int(rng.integers(len(group) + 1))]
+        group[name] = OPTIMIZER_VALUES[int(rng.integers(len(OPTIMIZER_VALUES)))]
+        return meta, tensors, f"param_groups[0].{name} = {str(group[name])[:30]}"
+    if kind == "groups":
+        meta["param_groups"] = [group, dict(group)] if rng.integers(2) else []
+        return meta, tensors, f"{len(meta['param_groups'])} param groups"
+    if kind == "params":
+        ids = group["params"]
+        group["params"] = [ids + [ids[0]], ids[:-1], [*ids[:-1], len(ids) + 5], [str(i) for i in ids]][
+            int(rng.integers(4))]
+        return meta, tensors, f"params {str(group['params'])[-30:]}"
+    keys = sorted(tensors)
+    key = keys[int(rng.integers(len(keys)))]
+    if kind == "tensor":
+        op = int(rng.integers(6))
+        value = tensors[key]
+        tensors[key] = [lambda: value.fill_(float("nan")), lambda: value.fill_(-1.0), lambda: value.half(),
+                        lambda: value.to(torch.int64), lambda: torch.zeros(*[int(d) + 1 for d in value.shape] or [2]),
+                        lambda: value * 1e3][op]()
+        return meta, tensors, f"tensor {key} op {op}"
+    if kind == "scalars":
+        meta["scalars"] = {f"{key.split('.')[1]}.step": OPTIMIZER_VALUES[int(rng.integers(len(OPTIMIZER_VALUES)))]}
+        return meta, tensors, f"scalars {str(meta['scalars'])[:40]}"
+    if kind == "drop":
+        del tensors[key]
+        return meta, tensors, f"dropped {key}"
+    return meta, tensors, "unchanged"
+
+
+def test_resume_survives_mutated_optimizer_files(checkpoint, tmp_path):
+    """Every field of optimizer.safetensors: each file either resumes training with a finite, non-rising loss
+    or is refused at load with a ValueError naming it; memory stays bounded."""
+    from safetensors.torch import save_file
+
+    model_bytes, meta, tensors = checkpoint
+    adata = hc.datasets.toy(n_rows=8, n_cols=8, n_genes=40, rng=0)
+    hc.pp.extract_patches(adata, size_um=110)
+    rng = np.random.default_rng(int(os.environ.get("HISTOCLIP_FUZZ_SEED", 12)))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcomes = {"resumed": 0, "rejected": 0}
+    for case in range(max(N_CASES // 6, 12)):
+        m, t, what = mutate_optimizer(rng, meta, tensors)
+        folder = tmp_path / "case"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(model_bytes)
+        save_file(t, str(folder / "optimizer.safetensors"), metadata={"histoclip_optimizer": json.dumps(m)})
+        try:
+            model = HistoCLIP.load(folder, adata, accelerator="cpu")
+        except ValueError as err:
+            assert str(folder / "optimizer.safetensors") in str(err), (case, what, str(err))
+            assert "Delete it to resume with fresh optimizer moments" in str(err), (case, what, str(err))
+            outcomes["rejected"] += 1
+            continue
+        except Exception as err:  # noqa: BLE001 (anything else is the bug this test looks for)
+            pytest.fail(f"case {case} ({what}): {type(err).__name__}: {err}")
+        try:
+            model.train(1, batch_size=32, rng=0, accelerator="cpu")
+        except Exception as err:  # noqa: BLE001 (a file that loads must resume)
+            pytest.fail(f"case {case} ({what}) loaded but did not resume: {type(err).__name__}: {err}")
+        losses = model.history["loss"].to_numpy()
+        assert np.isfinite(losses).all(), (case, what, losses)
+        assert losses[-1] < losses[0] + 1.0, (case, what, losses)  # descent, not ascent
+        outcomes["resumed"] += 1
+    assert outcomes["rejected"] > 0 and outcomes["resumed"] > 0, outcomes
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300 * 1024  # KiB

@@ -36,7 +36,8 @@ class HistoclipSettings:
     max_image_pixels
         Largest JPEG/PNG (width x height) :func:`histoclip.io.open_image` decodes, 300 megapixels by default (about
         900 MB decoded): a guard against decompression bombs, small files that decode to gigabytes. Raise it (or set
-        ``None``) to read a larger whole-slide JPEG or PNG; TIFF files are read lazily and have no limit.
+        ``None``) to read a larger whole-slide JPEG or PNG. TIFF files are read lazily without a limit, unless their
+        strips or tiles are too large to read lazily (over 64 MiB each): then this limit applies to them too.
     n_jobs
         CPU threads for training, embedding and image-feature extraction on the CPU (scanpy's name). Reading it
         gives the number in use; set a positive int, ``-1`` for every CPU this process may use, or ``None`` for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 RNGLike = int | np.random.Generator | np.random.SeedSequence
+MAX_SEED = 2**32 - 1
 
 
 def resolve_seed(rng: RNGLike | None) -> int:
@@ -25,14 +27,37 @@ def resolve_seed(rng: RNGLike | None) -> int:
     if isinstance(rng, bool):
         raise TypeError(f"rng must be an int seed or a numpy.random.Generator, got {rng!r}.")
     if isinstance(rng, int | np.integer):
-        if rng < 0:
-            raise ValueError(f"rng must be a non-negative int seed, got {rng}.")
+        if not 0 <= rng <= MAX_SEED:
+            raise ValueError(f"rng must be an int seed in [0, 2**32 - 1] (numpy, scikit-learn and torch all take it), "
+                             f"got {rng}. Pass a smaller seed, or a numpy.random.Generator.")
         return int(rng)
     if isinstance(rng, np.random.Generator):
         return int(rng.integers(0, 2**31 - 1))
     if isinstance(rng, np.random.SeedSequence):
         return int(rng.generate_state(1)[0] % (2**31 - 1))
     raise TypeError(f"rng must be an int seed or a numpy.random.Generator, got {type(rng).__name__}.")
+
+
+def check_coordinates_spread(coords: np.ndarray, groups: np.ndarray | None = None) -> None:
+    """Refuse spots whose coordinates cannot define neighbours: every spot of a library at one point."""
+    coords = np.asarray(coords, dtype=np.float64)
+    labels = np.zeros(len(coords), dtype=int) if groups is None else np.asarray(groups)
+    for g in dict.fromkeys(labels.tolist()):
+        xy = coords[labels == g]
+        if len(xy) > 1 and np.all(xy == xy[0]):
+            where = "" if groups is None else f" of library {g!r}"
+            raise ValueError(
+                f"All {len(xy)} spots{where} sit at one point of obsm['spatial']: spatial neighbours (and spatial "
+                "domains) cannot be defined. Set obsm['spatial'] to each spot's (x, y) in full-resolution pixels "
+                "(e.g. from Space Ranger's tissue_positions file)."
+            )
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once), for files made with ``mkstemp``."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def child_seeds(seed: int, n: int) -> list[int]:
@@ -64,24 +89,64 @@ def clean_params(params: Mapping[str, Any]) -> dict[str, Any]:
 _NEVER_WRITTEN = {"obsm": {"spatial"}, "uns": {"spatial", "histoclip"}}
 
 
-def _written_by_histoclip(adata: AnnData, key: str) -> bool:
-    """Whether an existing ``key`` is histoclip's: a default name, or a ``key_added`` recorded in its parameters."""
+def fingerprint(value: Any, index: Any = None) -> str | None:
+    """A content hash of a result, with the row names it is aligned to; None for values it cannot hash.
+
+    Results are ``obs`` columns, ``obsm``/``layers`` arrays (dense or sparse) and DataFrames in ``uns``. The hash
+    survives a round trip through ``.h5ad`` (a string column read back as categorical hashes the same).
+    """
+    import hashlib
+
+    import pandas as pd
+    import scipy.sparse as sp
+
+    h = hashlib.sha1(usedforsecurity=False)
+    if isinstance(value, pd.Series | pd.DataFrame):
+        h.update(type(value).__name__.encode())
+        if isinstance(value, pd.DataFrame):
+            h.update(repr([str(c) for c in value.columns]).encode())
+        h.update(pd.util.hash_pandas_object(value, index=True).to_numpy().tobytes())
+        return h.hexdigest()
+    if index is not None:
+        h.update(pd.util.hash_array(np.asarray(index, dtype=object)).tobytes())
+    parts = [value.data, value.indices, value.indptr] if sp.issparse(value) and value.format in ("csr", "csc") \
+        else [value] if isinstance(value, np.ndarray) else None
+    if parts is None:
+        return None
+    h.update(repr((value.shape, str(value.dtype), type(value).__name__)).encode())
+    for part in parts:
+        part = np.ascontiguousarray(part)
+        h.update(pd.util.hash_array(part.ravel()).tobytes() if part.dtype.kind == "O" else memoryview(part).cast("B"))
+    return h.hexdigest()
+
+
+def _content(adata: AnnData, slot: str, key: str) -> str | None:
+    value = getattr(adata, slot)[key]
+    return fingerprint(value, None if slot == "uns" else adata.obs_names)
+
+
+def _written_by_histoclip(adata: AnnData, slot: str, key: str) -> bool:
+    """Whether an existing ``adata.<slot>[key]`` is histoclip's: a default name, or what histoclip wrote there.
+
+    What histoclip wrote under a name of the user's choosing (``key_added``) is known by its content hash, kept in
+    ``uns["histoclip"]["written"]``. A record in ``uns`` travels with the object (copied from another AnnData, or
+    left after the user replaced the column), so it is never enough on its own: the column must still hold what
+    histoclip wrote.
+    """
     if key.startswith(("histoclip_", "X_histoclip")):
         return True
     root = adata.uns.get("histoclip")
-    params = root.get("params", {}) if isinstance(root, Mapping) else {}
-    for record in params.values() if isinstance(params, Mapping) else ():
-        added = record.get("key_added") if isinstance(record, Mapping) else None
-        if isinstance(added, str) and added and (key == added or key.startswith(added + "_")):
-            return True
-    return False
+    written = root.get("written", {}) if isinstance(root, Mapping) else {}
+    stored = written.get(slot, {}) if isinstance(written, Mapping) else {}
+    expected = stored.get(key) if isinstance(stored, Mapping) else None
+    return isinstance(expected, str) and expected == _content(adata, slot, key)
 
 
 def check_key_added(adata: AnnData, slot: str, key: str) -> None:
     """Refuse to write ``adata.<slot>[key]`` over data histoclip did not write (the user's coordinates, labels, ...).
 
-    A key histoclip wrote before (a default name, or a ``key_added`` recorded in ``uns["histoclip"]["params"]``) is
-    replaced as usual.
+    A key histoclip wrote before (a default name, or a ``key_added`` whose content is still what histoclip wrote,
+    see :func:`_written_by_histoclip`) is replaced as usual.
     """
     if not isinstance(key, str) or not key:
         raise TypeError(f"key_added must be a non-empty string, got {key!r}.")
@@ -89,10 +154,11 @@ def check_key_added(adata: AnnData, slot: str, key: str) -> None:
     if key in _NEVER_WRITTEN.get(slot, ()):
         raise ValueError(f"key_added={key!r} would overwrite {what}, which histoclip reads (coordinates, images or its "
                          "own parameter record); choose another key_added.")
-    if key in getattr(adata, slot) and not _written_by_histoclip(adata, key):
+    if key in getattr(adata, slot) and not _written_by_histoclip(adata, slot, key):
         raise ValueError(
-            f"key_added={key!r} would overwrite {what}, which histoclip did not write (it is your data). Choose "
-            f"another key_added, or delete it first (del {what}) if it is yours to replace."
+            f"key_added={key!r} would overwrite {what}, which histoclip did not write (it is your data, or it was "
+            f"changed since histoclip wrote it). Choose another key_added, or delete it first (del {what}) if it is "
+            "yours to replace."
         )
 
 
@@ -108,7 +174,9 @@ def write_results(
     """Write computed results into ``adata`` in one go, logging each key.
 
     Everything is computed before this is called, so an error earlier leaves ``adata`` untouched.
-    ``params`` is ``(step, record)`` stored under ``adata.uns["histoclip"]["params"][step]``.
+    ``params`` is ``(step, record)`` stored under ``adata.uns["histoclip"]["params"][step]``. Keys written under a
+    name other than histoclip's defaults get a content hash in ``adata.uns["histoclip"]["written"][slot][key]``,
+    so that a later run may replace them while they are unchanged (:func:`check_key_added`).
     """
     from ._constants import Key
 
@@ -123,6 +191,16 @@ def write_results(
     for key, value in (uns or {}).items():
         adata.uns[key] = value
         written.append(f"uns[{key!r}]")
+    owned: dict[str, dict[str, str]] = {}
+    for slot, items in (("obs", obs), ("obsm", obsm), ("layers", layers), ("uns", uns)):
+        for key in items or {}:
+            digest = None if key.startswith(("histoclip_", "X_histoclip")) else _content(adata, slot, key)
+            if digest is not None:  # what histoclip wrote under the user's name: replaced again only while unchanged
+                owned.setdefault(slot, {})[key] = digest
+    if owned:
+        store = adata.uns.setdefault(Key.uns.histoclip, {}).setdefault("written", {})
+        for slot, digests in owned.items():
+            store.setdefault(slot, {}).update(digests)
     if params is not None:
         step, record = params
         root = adata.uns.setdefault(Key.uns.histoclip, {})

@@ -3,15 +3,19 @@
 Conversion rules (documented in :func:`histoclip.pp.extract_patches`):
 
 * ``uint8``: used as is.
-* ``uint16``: scaled from [0, 65535] to [0, 255] (``round(v / 257)``).
+* ``uint16``: scaled from [0, 65535] to [0, 255] (``round(v / 257)``); a uint16 TIFF from its own range instead
+  (``BitsPerSample`` below 16, else ``SMinSampleValue``/``SMaxSampleValue``, else 10-, 12- or 14-bit data when the
+  sampled maximum says so; logged).
 * other integer types: values must lie in [0, 255]; anything else is an error.
 * ``bool``: ``False`` -> 0, ``True`` -> 255.
 * floating point: values in [0, 1] are scaled by 255, values in [0, 255] are kept; which of the two
   is decided once per image from a strided sample: [0, 1] when its 99th percentile is <= 1 (a few pixels
   slightly above 1, e.g. after stain normalisation, do not flip the whole image to [0, 255]; they are clipped
-  and a warning says how many), [0, 255] otherwise. Values are clipped.
+  and a warning says how many), [0, 255] otherwise. Values are clipped NaN is white (255), like the padding.
 * grayscale (``(H, W)`` or one channel): repeated into three channels.
 * RGBA (four channels): the alpha channel is dropped.
+* TIFF colour tags: CMYK (photometric separated) is converted to RGB, min-is-white grey is inverted; other
+  encodings (CIELab, palette, ...) are an error naming the file.
 * any other channel count: :class:`ValueError`.
 
 Areas outside the image are filled with ``pad_value`` (white, 255, by default: the slide background).
@@ -34,8 +38,12 @@ from typing import Any, Literal
 import numpy as np
 
 from .._settings import logger, settings
+from .._utils import current_umask
 
 _SAMPLE_POINTS = 256
+# The most one TIFF strip or tile may decode to for the file to be read lazily: every patch decodes the strips or
+# tiles it touches whole, so one 2.6 MB deflate strip of a 30,000 x 30,000 slide would cost 2.7 GB and 10 s per patch.
+MAX_TIFF_CHUNK_BYTES = 64 * 2**20
 _MATERIALISE_BYTES = 256 * 2**20
 _COMPUTED_LEVELS: dict[str, np.ndarray] = {}  # the last few computed pyramid levels (see MultiscaleImageSource)
 _COMPUTED_LEVELS_KEPT = 2
@@ -53,11 +61,18 @@ class ImageSource:
         ``"yxc"`` (height, width, channels), ``"cyx"`` (SpatialData images) or ``"yx"`` (grayscale).
     name
         A label used in messages.
+    photometric
+        How the channels encode colour: ``"rgb"`` (grey, RGB or RGBA, the default), ``"miniswhite"`` (grey with 0 as
+        white: inverted) or ``"cmyk"`` (four ink channels, converted as ``R = 255 (1 - C) (1 - K)``, ...).
+    value_range
+        For integer images, the stored values that mean black and white (e.g. ``(0, 4095)`` for 12-bit data in a
+        uint16 array); scaled linearly to [0, 255] and clipped. Default: the dtype's rule (uint16: [0, 65535]).
 
     """
 
     def __init__(self, array: Any, layout: Literal["yxc", "cyx", "yx"] = "yxc", name: str = "image", *,
-                 _inspect: bool = True) -> None:
+                 photometric: Literal["rgb", "miniswhite", "cmyk"] = "rgb",
+                 value_range: tuple[float, float] | None = None, _inspect: bool = True) -> None:
         shape = tuple(int(s) for s in array.shape)
         if layout == "yx" or len(shape) == 2:
             if len(shape) != 2:
@@ -75,6 +90,13 @@ class ImageSource:
             channels, height, width = shape
         else:
             raise ValueError(f"layout must be 'yxc', 'cyx' or 'yx', got {layout!r}.")
+        if photometric not in ("rgb", "miniswhite", "cmyk"):
+            raise ValueError(f"photometric must be 'rgb', 'miniswhite' or 'cmyk', got {photometric!r}.")
+        if photometric == "cmyk" and channels != 4:
+            raise ValueError(f"Image {name!r}: a CMYK image needs 4 channels, got {channels} (shape {shape}).")
+        if value_range is not None and not (np.isfinite(value_range).all() and value_range[1] > value_range[0]):
+            raise ValueError(f"Image {name!r}: value_range must be two finite numbers (black, white) with black < "
+                             f"white, got {value_range!r}.")
         if channels not in (1, 3, 4):
             raise ValueError(
                 f"Image {name!r} has {channels} channels; expected 1 (grayscale), 3 (RGB) or 4 (RGBA). "
@@ -89,12 +111,14 @@ class ImageSource:
         self.width = width
         self.channels = channels
         self.dtype = np.dtype(array.dtype)
+        self.photometric = photometric
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         if self.dtype.kind not in "uifb":
             raise TypeError(f"Image {name!r} has dtype {self.dtype}; expected an integer, float or bool image.")
         self._float_scale = 1.0
         if _inspect:  # (a pyramid inspects its coarsest level only)
             self._float_scale = self._find_float_scale() if self.dtype.kind == "f" else 1.0
-            if self.dtype.kind in "ui" and self.dtype not in (np.uint8, np.uint16):
+            if self.dtype.kind in "ui" and self.dtype not in (np.uint8, np.uint16) and self.value_range is None:
                 self._check_integer_range()
 
     # -- conversion ----------------------------------------------------------------------------------------------
@@ -111,7 +135,7 @@ class ImageSource:
 
     def _find_float_scale(self) -> float:
         sample = np.asarray(self._sample(), dtype=np.float64)
-        if sample.ndim == 3 and sample.shape[-1] == 4:
+        if sample.ndim == 3 and sample.shape[-1] == 4 and self.photometric != "cmyk":
             sample = sample[..., :3]  # alpha does not say which range the colours are in
         finite = sample[np.isfinite(sample)]
         if not finite.size:
@@ -158,10 +182,14 @@ class ImageSource:
         """Convert a raw block (h, w[, c]) to RGB uint8 following the module's rules."""
         if block.ndim == 2:
             block = block[..., None]
-        if block.shape[-1] == 4:
+        if block.shape[-1] == 4 and self.photometric != "cmyk":
             block = block[..., :3]
         kind = block.dtype.kind
-        if block.dtype == np.uint8:
+        if self.value_range is not None and kind in "ui":
+            lo, hi = self.value_range
+            vals = (block.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+            out = np.round(np.clip(vals, 0, 255)).astype(np.uint8)
+        elif block.dtype == np.uint8:
             out = block
         elif block.dtype == np.uint16:
             out = np.round(block.astype(np.float32) / 257.0).astype(np.uint8)
@@ -174,9 +202,15 @@ class ImageSource:
                     "convert it to uint8 or uint16 first."
                 )
             out = block.astype(np.uint8)
-        else:
-            vals = np.nan_to_num(block.astype(np.float32) * self._float_scale, nan=0.0)
+        else:  # NaN (no data) reads as the slide background, like the padding outside the image
+            vals = np.nan_to_num(block.astype(np.float32) * self._float_scale, nan=255.0, posinf=255.0, neginf=0.0)
             out = np.round(np.clip(vals, 0, 255)).astype(np.uint8)
+        if self.photometric == "cmyk":  # ink amounts: white paper minus cyan, magenta, yellow, scaled by black
+            ink = out.astype(np.uint32)
+            out = ((255 - ink[..., :3]) * (255 - ink[..., 3:4]) + 127) // 255
+            out = out.astype(np.uint8)
+        elif self.photometric == "miniswhite":
+            out = 255 - out
         if out.shape[-1] == 1:
             out = np.repeat(out, 3, axis=-1)
         return np.ascontiguousarray(out)
@@ -341,12 +375,16 @@ def _cache_path(path: Path) -> Path:
 def open_image(path: str | os.PathLike) -> ImageSource:
     """Open an image file lazily.
 
-    TIFF files are memory-mapped (or read tile by tile through their zarr view when compressed), whatever their
-    size. Other formats (JPEG, PNG) cannot be sliced without decoding, so they are decoded once into an uncompressed
-    ``.npy`` file in ``histoclip.settings.cachedir`` and memory-mapped from there: patches read only the pages they
-    touch, and the decoded image never has to stay in memory. Decoding is refused for images of more than
-    ``histoclip.settings.max_image_pixels`` pixels (a guard against decompression bombs; raise it for real
-    whole-slide JPEGs or PNGs). 16-bit greyscale PNGs are read as uint16. A cache file that cannot be read back
+    TIFF files are memory-mapped (or read strip by strip or tile by tile through their zarr view when compressed),
+    whatever their size; the largest image of the file is read (not a thumbnail stored first). A compressed TIFF
+    whose strips or tiles each decode to more than ``MAX_TIFF_CHUNK_BYTES`` (64 MiB) cannot be read lazily: it is
+    decoded once into the cache like a JPEG, under ``max_image_pixels``, and refused above it (a decompression
+    bomb, or a slide to re-save as a tiled pyramidal TIFF). Other formats (JPEG, PNG) cannot be sliced without
+    decoding, so they are decoded once into an uncompressed ``.npy`` file in ``histoclip.settings.cachedir`` and
+    memory-mapped from there: patches read only the pages they touch, and the decoded image never has to stay in
+    memory. Decoding is refused for images of more than ``histoclip.settings.max_image_pixels`` pixels (a guard
+    against decompression bombs; raise it for real whole-slide JPEGs or PNGs). 16-bit greyscale PNGs are read as
+    uint16. A cache file that cannot be read back
     (truncated, corrupted) is decoded again.
     """
     path = Path(path)
@@ -354,21 +392,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            arr = tifffile.memmap(path, mode="r")
-        except (ValueError, tifffile.TiffFileError):
-            import zarr
-
-            try:
-                arr = zarr.open(tifffile.imread(path, aszarr=True, level=0), mode="r")
-            except Exception as err:  # noqa: BLE001 (any decoder error: name the file)
-                raise ValueError(f"Image file {str(path)!r} is not a readable TIFF (truncated or corrupted?): "
-                                 f"{type(err).__name__}: {err}") from err
-        layout = "yx" if arr.ndim == 2 else ("cyx" if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4)
-                                               else "yxc")
-        return ImageSource(arr, layout=layout, name=path.name)
+        return _open_tiff(path)
     cache = _cache_path(path)
     arr = _load_cache(cache) if cache.is_file() else None
     if arr is None:
@@ -380,11 +404,185 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     return ImageSource(arr, layout="yx" if arr.ndim == 2 else "yxc", name=path.name)
 
 
-def _load_cache(cache: Path) -> np.ndarray | None:
+_PHOTOMETRIC = {"MINISBLACK": "rgb", "RGB": "rgb", "MINISWHITE": "miniswhite", "SEPARATED": "cmyk",
+                "YCBCR": "rgb"}
+
+
+def _tiff_error(path: Path, what: str) -> ValueError:
+    return ValueError(f"Image file {str(path)!r} {what}")
+
+
+_RESAVE = ("Re-save it as a tiled pyramidal TIFF, e.g. with tifffile: `tifffile.imwrite(out, image, tile=(512, 512), "
+           "compression='zlib', photometric='rgb')`, or with libvips: `vips tiffsave in.tif out.tif --tile --pyramid "
+           "--compression deflate`")
+
+
+def _open_tiff(path: Path) -> ImageSource:
+    """A TIFF file: its largest image, read lazily strip by strip or tile by tile, with its colour tags applied.
+
+    Checked before any pixel is decoded: the file is whole (every strip or tile lies inside it), its colour encoding
+    (photometric) is one histoclip converts, and no strip or tile decodes to more than
+    :data:`MAX_TIFF_CHUNK_BYTES` (a file whose strips are larger is decoded once into the cache, like a JPEG, under
+    ``settings.max_image_pixels``).
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = [s for s in tif.series if len(s.shape) >= 2]
+            if not series:
+                raise _tiff_error(path, "is not a readable TIFF: it holds no image (truncated or corrupted?).")
+            areas = [int(s.levels[0].keyframe.imagelength) * int(s.levels[0].keyframe.imagewidth) for s in series]
+            index = int(np.argmax(areas))  # the full-resolution image, not a thumbnail or label stored first
+            chosen = series[index].levels[0]
+            page = chosen.keyframe
+            axes, shape, dtype = chosen.axes, tuple(int(d) for d in chosen.shape), np.dtype(chosen.dtype)
+            name = page.photometric.name if hasattr(page.photometric, "name") else str(page.photometric)
+            compression = int(page.compression)
+            extra = len(page.extrasamples)
+            inkset = page.tags.get("InkSet")
+            bits = int(page.bitspersample)
+            tags = {k: page.tags.get(k).value for k in ("SMinSampleValue", "SMaxSampleValue", "MaxSampleValue")
+                    if page.tags.get(k) is not None}
+            chunk_bytes = int(np.prod(page.chunks)) * dtype.itemsize
+            contiguous = compression == 1 and bool(page.is_contiguous)
+            size = path.stat().st_size
+            ends = [int(o) + int(n) for p in chosen.pages if p is not None
+                    for o, n in zip(p.dataoffsets, p.databytecounts, strict=False) if n]
+            if ends and max(ends) > size:
+                raise _tiff_error(path, f"is truncated: its image data runs to byte {max(ends):,} but the file has "
+                                        f"{size:,} bytes. Copy or export it again.")
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 (any parser error: name the file)
+        raise _tiff_error(path, f"is not a readable TIFF (truncated or corrupted?): {type(err).__name__}: {err}") \
+            from err
+    if len(series) > 1 and index:
+        logger.info("Image %r: reading series %d (%s), the largest of its %d images (the first is %s).", path.name,
+                    index, "x".join(map(str, shape)), len(series), "x".join(map(str, series[0].shape)))
+    photometric = _PHOTOMETRIC.get(name)
+    if name == "YCBCR" and compression not in (6, 7):  # tifffile converts JPEG-compressed YCbCr to RGB only
+        photometric = None
+    if name == "SEPARATED" and (inkset not in (None, 1) and getattr(inkset, "value", inkset) != 1
+                                or page.samplesperpixel - extra != 4 or extra):
+        photometric = None
+    if photometric is None:
+        raise _tiff_error(path, f"stores colours as photometric={name} ({page.samplesperpixel} samples, {extra} "
+                                "extra); histoclip reads grey, RGB(A), CMYK and JPEG-compressed YCbCr TIFFs. Convert "
+                                "it to RGB first, e.g. `PIL.Image.open(path).convert('RGB').save(out)`.")
+    value_range = _tiff_value_range(path, dtype, bits, tags)
+    layout = "yx" if len(shape) == 2 else ("yxc" if axes.endswith("S") else "cyx")
+    n_pixels = shape[-2] * shape[-1] if layout != "yxc" else shape[0] * shape[1]
+    arr = None
+    if contiguous:
+        try:
+            arr = tifffile.memmap(path, mode="r", series=index, level=0)
+        except (ValueError, tifffile.TiffFileError):
+            arr = None
+    if arr is None and chunk_bytes > MAX_TIFF_CHUNK_BYTES:
+        limit = settings.max_image_pixels
+        if limit is not None and n_pixels > limit:
+            raise _tiff_error(
+                path, f"stores its {'x'.join(map(str, shape))} pixels in strips or tiles of {chunk_bytes / 2**20:,.0f} "
+                      f"MiB each, decoded whole for every patch that touches one (a decompression bomb, or a slide "
+                      f"written without tiles); histoclip reads TIFF strips or tiles of up to "
+                      f"{MAX_TIFF_CHUNK_BYTES / 2**20:.0f} MiB lazily, and decodes smaller images whole only up to "
+                      f"histoclip.settings.max_image_pixels = {limit:,} pixels. {_RESAVE}.")
+        cache = _cache_path(path)
+        arr = _load_cache(cache, dtype) if cache.is_file() else None
+        if arr is None:
+            _decode_tiff_to_cache(path, cache, index, shape, dtype, chunk_bytes)
+            arr = _load_cache(cache, dtype)
+            if arr is None:
+                raise OSError(f"The decoded copy {cache} of {str(path)!r} cannot be read back; check the free space "
+                              "in histoclip.settings.cachedir.")
+    if arr is None:
+        import zarr
+
+        try:
+            arr = zarr.open(tifffile.imread(path, aszarr=True, series=index, level=0), mode="r")
+        except Exception as err:  # noqa: BLE001 (any decoder error: name the file)
+            raise _tiff_error(path, f"is not a readable TIFF (truncated or corrupted?): {type(err).__name__}: {err}") \
+                from err
+    source = ImageSource(arr, layout=layout, name=path.name, photometric=photometric,
+                         value_range=None if isinstance(value_range, bool) else value_range)
+    if value_range is True:
+        _observed_bits(source)
+    return source
+
+
+def _tiff_value_range(path: Path, dtype: np.dtype, bits: int, tags: dict) -> tuple[float, float] | None | bool:
+    """The stored values of black and white in a uint16 TIFF, from its tags.
+
+    BitsPerSample below 16 gives ``(0, 2**bits - 1)``; else SMinSampleValue/SMaxSampleValue (or MaxSampleValue)
+    when they narrow the range; else ``True``: the observed maximum decides (:func:`_observed_bits`). Other dtypes:
+    None (the dtype's rule).
+    """
+    if dtype != np.uint16:
+        return None
+
+    def first(v):
+        return float(v[0] if isinstance(v, tuple | list) else v)
+
+    if 8 < bits < 16:
+        logger.info("Image %r: %d-bit samples (BitsPerSample) read as [0, %d].", path.name, bits, 2**bits - 1)
+        return 0.0, float(2**bits - 1)
+    hi_tag = "SMaxSampleValue" if "SMaxSampleValue" in tags else "MaxSampleValue" if "MaxSampleValue" in tags else None
+    lo = first(tags["SMinSampleValue"]) if "SMinSampleValue" in tags else 0.0
+    hi = first(tags[hi_tag]) if hi_tag else 65535.0
+    if (lo, hi) != (0.0, 65535.0) and hi > lo:
+        logger.info("Image %r: uint16 samples read as [%g, %g] from its %s tag%s.", path.name, lo, hi,
+                    hi_tag or "SMinSampleValue", "s" if hi_tag and "SMinSampleValue" in tags else "")
+        return lo, hi
+    return True
+
+
+def _observed_bits(source: ImageSource) -> None:
+    """uint16 TIFFs without tags saying their range: 10-, 12- or 14-bit data when the sampled maximum says so."""
+    vmax = int(np.asarray(source._sample()).max()) if source.height and source.width else 0
+    for b in (10, 12, 14):
+        if vmax < 2**b and vmax >= 2 ** (b - 2):
+            logger.warning(
+                "Image %r: uint16 with no tag giving its range and a sampled maximum of %d: read as %d-bit data "
+                "([0, %d] to [0, 255]) rather than [0, 65535], which would be %dx too dark. Set the TIFF's "
+                "SMaxSampleValue tag, or rescale it to [0, 65535], if that is wrong.",
+                source.name, vmax, b, 2**b - 1, 2 ** (16 - b))
+            source.value_range = (0.0, float(2**b - 1))
+            return
+    source.value_range = None
+
+
+def _decode_tiff_to_cache(path: Path, cache: Path, index: int, shape: tuple[int, ...], dtype: np.dtype,
+                          chunk_bytes: int) -> None:
+    """Decode a TIFF with strips or tiles too large to read lazily once into the memory-mapped ``.npy`` cache."""
+    import tifffile
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("Decoding %s (strips or tiles of %.0f MiB, too large to read lazily) once into the memory-mapped "
+                "cache %s", path, chunk_bytes / 2**20, cache)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npy.tmp")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        try:
+            tifffile.imread(path, series=index, level=0, out=out)
+        except Exception as err:  # noqa: BLE001 (any decoder error: name the file)
+            raise _tiff_error(path, f"cannot be decoded (truncated or corrupted?): {type(err).__name__}: {err}") \
+                from err
+        out.flush()
+        del out
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_cache(cache: Path, dtype: np.dtype | None = None) -> np.ndarray | None:
     """The memory-mapped decoded image, or None (and the file removed) when it cannot be read back."""
     try:
         arr = np.load(cache, mmap_mode="r", allow_pickle=False)
-        if arr.ndim not in (2, 3) or arr.dtype not in (np.uint8, np.uint16):
+        if arr.ndim not in (2, 3) or arr.dtype not in ((np.uint8, np.uint16) if dtype is None else (dtype,)):
             raise ValueError(f"unexpected array {arr.shape} {arr.dtype}")
         return arr
     except (ValueError, OSError, EOFError) as err:
@@ -422,6 +620,7 @@ def _decode_to_cache(path: Path, cache: Path) -> None:
         with os.fdopen(fd, "wb") as fh:  # a file object: np.save would append ".npy" to a path
             np.save(fh, arr)
         del arr
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep a shared cache private to one user
         os.replace(tmp, cache)
     finally:
         if os.path.exists(tmp):

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from .._settings import logger
+from .._utils import current_umask
 from .._version import __version__
 
 if TYPE_CHECKING:
@@ -42,22 +43,34 @@ OPTIMIZER_FILE = "optimizer.safetensors"  # written next to FILE_NAME by train(c
 FORMAT = 1
 
 # Bounds on the integer settings a model file may hold. Everything that sizes a tensor is also checked against the
-# file's own tensors (meta-device build); these bounds cover what sizes work later (patch_px: every embedded batch)
-# and keep absurd values out of the meta build itself. Integers not listed get GENERIC_INT_BOUND.
+# file's own tensors (meta-device build); these bounds cover what sizes work later and is not in the tensors, and
+# keep absurd values out of the meta build itself. patch_px sizes every image the network sees: one 256-px patch
+# costs ~25 MB of activations and ~1 GFLOP in the small CNN (tl.embed shrinks its batches to a fixed memory budget;
+# time still grows with patch_px ** 2; 224 px is the usual ImageNet input);
+# n_neighbors sizes the spatial graph (n_spots * n_neighbors entries). Integers not listed get GENERIC_INT_BOUND.
 INT_BOUNDS: dict[str, tuple[int, int]] = {
     "n_genes": (1, 200_000),
     "hidden_dim": (2, 65_536),
     "latent_dim": (1, 16_384),
-    "patch_px": (8, 2_048),
-    "n_neighbors": (1, 1_000),
+    "patch_px": (8, 256),
+    "n_neighbors": (1, 100),
     "image_in_features": (1, 1_000_000),
     "skip_components": (0, 200_000),
     "init_seed": (0, 2**63 - 1),
 }
 GENERIC_INT_BOUND = 10_000_000
+MAX_WEIGHT = 1e8  # trained weights (and batch-norm statistics) are far smaller; 1e20 squared overflows float32
 MAX_GENES = 200_000
 MAX_HISTORY_ROWS = 1_000_000
 _ALLOWED_DTYPES = {"F16", "BF16", "F32", "F64", "I64", "I32", "U8", "BOOL"}
+_ST_DTYPE = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+# What histoclip writes besides the module's weights (which must have the module's own dtypes): the gene
+# normalisation as float32 (float64 from older versions), and the predictors of tl.predict_expression. A tensor of
+# another dtype is refused rather than cast: a file whose weights were rounded to float16 or truncated to integers
+# is not the model that was saved.
+_NORM_DTYPES = {"F32", "F64"}
+_PREDICTOR_DTYPES = {"genes": {"U8"}, "n_train": {"I64"}}  # every other predictor tensor: F32
 
 
 class ModelFileError(ValueError):
@@ -117,6 +130,7 @@ def _write(tensors: dict, target: Path, metadata: dict[str, str], *, overwrite: 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would make the model private to its writer
         _publish(tmp, target, overwrite=overwrite)
     finally:
         if os.path.exists(tmp):
@@ -265,22 +279,36 @@ def check_metadata(path: Path, meta: Any) -> dict[str, Any]:
     return meta
 
 
-def _meta_module(model: HistoCLIP, path: Path) -> dict[str, tuple[int, ...]]:
-    """The state-dict shapes of the module the metadata describes, built on the meta device (no memory)."""
+def _meta_module(model: HistoCLIP, path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The state-dict shapes and safetensors dtypes of the module the metadata describes (meta device: no memory)."""
     try:
         with torch.device("meta"):
             module = model._build_module(seed=0)
     except Exception as err:  # noqa: BLE001 (any failure to build is a file this version cannot load)
         raise _bad(path, f"it describes a model this version cannot build ({type(err).__name__}: {err})") from err
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    state = module.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items()}, {k: _ST_DTYPE.get(v.dtype, str(v.dtype)) for k, v in
+                                                           state.items()}
 
 
 def check_tensors(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
-                  expected: dict[str, tuple[int, ...]], n_genes: int) -> None:
-    """Compare the file's tensor shapes with those of the module its metadata describes."""
+                  expected: dict[str, tuple[int, ...]], n_genes: int,
+                  expected_dtypes: dict[str, str] | None = None) -> None:
+    """Compare the file's tensor shapes and dtypes with those of the module its metadata describes."""
     bad_dtype = sorted(k for k, d in dtypes.items() if d not in _ALLOWED_DTYPES)
     if bad_dtype:
         raise _bad(path, f"tensors of unexpected dtype: {[(k, dtypes[k]) for k in bad_dtype[:5]]}")
+    wanted = {f"module.{k}": {d} for k, d in (expected_dtypes or {}).items()}
+    for k in shapes:
+        if k.startswith("norm."):
+            wanted[k] = _NORM_DTYPES
+        elif k.startswith("predictor."):
+            wanted[k] = _PREDICTOR_DTYPES.get(k.rsplit(".", 1)[-1], {"F32"})
+    retyped = sorted(k for k in shapes if k in wanted and dtypes.get(k) not in wanted[k])
+    if retyped:
+        raise _bad(path, "tensors stored as another dtype than histoclip writes (they are refused, not cast: "
+                         "rounded or truncated weights are not the saved model): "
+                         + ", ".join(f"{k} {dtypes[k]} instead of {'/'.join(sorted(wanted[k]))}" for k in retyped[:3]))
     for key in ("norm.gene_mean", "norm.gene_std"):
         if shapes.get(key) != (n_genes,):
             raise _bad(path, f"{key} has shape {shapes.get(key)}, expected ({n_genes},) for its {n_genes} genes")
@@ -302,6 +330,60 @@ def check_tensors(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[s
               not (k.startswith("predictor.") and k.count(".") >= 2)]
     if others:
         raise _bad(path, f"unexpected tensors {others[:5]}")
+
+
+def _image_feature_dim(expected: dict[str, tuple[int, ...]]) -> int | None:
+    """The width of the image tower's features (the input of ``image_latent``), from the module's shapes."""
+    first = [v for k, v in expected.items() if k.startswith("image_latent.") and k.endswith("weight") and len(v) == 2]
+    return int(first[0][1]) if first else None
+
+
+# The tensors of each predictor tl.predict_expression saves, by kind ("bank", "bank_<hash>", "ridge",
+# "ridge_<hash>"), with their dimensions: N reference spots, D latent, G genes, F features, P components.
+_PREDICTORS = {
+    "bank": {"expression_embedding": ("N", "D"), "image_embedding": ("N", "D"), "expression": ("N", "G")},
+    "bank_": {"expression": ("N", "G"), "genes": ("B",)},
+    "ridge": {"mean": ("F",), "std": ("F",), "components": ("F", "P"), "coef": ("P", "G"), "intercept": ("G",),
+              "alpha": (), "n_train": ()},
+}
+_PREDICTORS["ridge_"] = {**_PREDICTORS["ridge"], "genes": ("B",)}
+
+
+def check_predictors(path: Path, shapes: dict[str, tuple[int, ...]], genes: list[str], latent_dim: int,
+                     feature_dim: int | None) -> None:
+    """The saved predictors' tensors: known names, and shapes that fit each other and the model."""
+    kinds: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if key.startswith("predictor."):
+            _, kind, name = key.split(".", 2)
+            kinds.setdefault(kind, {})[name] = shape
+    bank_n = None
+    for kind in sorted(kinds, key=lambda k: k != "bank"):  # the bank first: the others' N refers to it
+        found = kinds[kind]
+        base = kind if kind in ("bank", "ridge") else kind.split("_", 1)[0] + "_" if "_" in kind else None
+        schema = _PREDICTORS.get(base or "")
+        if schema is None or set(found) != set(schema):
+            raise _bad(path, f"its predictor {kind!r} holds tensors {sorted(found)}; histoclip saves 'bank' "
+                             f"({sorted(_PREDICTORS['bank'])}) and 'ridge' ({sorted(_PREDICTORS['ridge'])}) predictors")
+        dims: dict[str, int] = {"D": latent_dim}
+        if base in ("bank", "ridge"):
+            dims["G"] = len(genes)
+        if base == "bank_" and bank_n is not None:
+            dims["N"] = bank_n
+        if base and base.startswith("ridge") and feature_dim is not None:
+            dims["F"] = 2 * feature_dim  # the features and their neighbourhood mean
+        for name, letters in schema.items():
+            shape = found[name]
+            if len(shape) != len(letters):
+                raise _bad(path, f"predictor.{kind}.{name} has shape {shape}, expected {len(letters)} dimensions")
+            for d, letter in zip(shape, letters, strict=True):
+                if dims.setdefault(letter, d) != d:
+                    raise _bad(path, f"predictor.{kind}.{name} has shape {shape}, which does not fit the model and "
+                                     f"the predictor's other tensors ({letter} = {dims[letter]})")
+        if base and base.startswith("ridge") and dims["P"] > dims["F"]:
+            raise _bad(path, f"predictor.{kind}.components has more components than features")
+        if base == "bank":
+            bank_n = dims["N"]
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -350,10 +432,12 @@ def load_model(cls: type[HistoCLIP], path: str | os.PathLike, data=None, *, acce
     self._weights_named = str(weights) if weights is not None else None
     self.init_params["weights"] = None  # the file's tensors hold them; a stored path is never opened here
     try:
-        expected = _meta_module(self, file)
+        expected, expected_dtypes = _meta_module(self, file)
     finally:
         self.init_params["weights"] = stored_weights
-    check_tensors(file, shapes, dtypes, expected, len(self.genes))
+    check_tensors(file, shapes, dtypes, expected, len(self.genes), expected_dtypes)
+    check_predictors(file, shapes, self.genes, int(self.init_params.get("latent_dim") or 0),
+                     _image_feature_dim(expected))
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -368,9 +452,19 @@ def load_model(cls: type[HistoCLIP], path: str | os.PathLike, data=None, *, acce
     for key in [k for k in tensors if k.startswith("predictor.")]:
         _, kind, name = key.split(".", 2)
         value = tensors.pop(key)
-        if value.dtype == torch.bfloat16:  # (numpy has no bfloat16)
-            value = value.to(torch.float32)
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise _bad(file, f"its predictor tensor {key} holds NaN or inf values")
         self.predictor_state.setdefault(kind, {})[name] = value.numpy()
+    for kind, arrays in self.predictor_state.items():
+        if "genes" in arrays:
+            try:
+                names = bytes(arrays["genes"]).decode().split("\n")
+            except UnicodeDecodeError:
+                names = []
+            n_out = shapes.get(f"predictor.{kind}.coef", shapes.get(f"predictor.{kind}.expression", (0, 0)))[-1]
+            if len(names) != n_out or len(set(names)) != len(names) or not all(names):
+                raise _bad(file, f"its predictor {kind!r} names {len(names)} genes (or duplicated or empty names) "
+                                 f"for {n_out} predicted columns")
     self.init_params["weights"] = None
     try:
         self.module = self._build_module(seed=0)
@@ -383,6 +477,12 @@ def load_model(cls: type[HistoCLIP], path: str | os.PathLike, data=None, *, acce
         raise _bad(file, f"its weights do not fit the model it describes ({err})") from err
     if any(not torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         raise _bad(file, "its weights hold NaN or inf values")
+    huge = sorted(k for k, v in state.items() if v.is_floating_point() and v.numel()
+                  and float(v.abs().max()) > MAX_WEIGHT)
+    if huge:
+        raise _bad(file, f"{len(huge)} weights hold values above {MAX_WEIGHT:.0e} in size (first: {huge[:3]}): finite, "
+                         "but they overflow to inf in the first layers (trained weights are of order one)")
+    self._loaded_from = str(file)
     self.device = pick_device(accelerator)
     self.module.to(self.device).eval()
     epoch = int(self.history["epoch"].max()) if len(self.history) else 0
@@ -392,6 +492,91 @@ def load_model(cls: type[HistoCLIP], path: str | os.PathLike, data=None, *, acce
     if data is not None:
         self._attach(data)
     return self
+
+
+# The param group histoclip's AdamW writes: each entry's type and allowed values. Anything else (maximize: true turns
+# training into gradient ascent; betas outside [0, 1) or a negative second moment give NaN steps) is refused.
+_GROUP_FLAGS = {"amsgrad": {False}, "maximize": {False}, "foreach": {None, False, True}, "capturable": {False},
+                "differentiable": {False}, "fused": {None, False}, "decoupled_weight_decay": {True}}
+_GROUP_NUMBERS = {"lr": (0.0, 10.0), "initial_lr": (0.0, 10.0), "eps": (1e-12, 1e-2), "weight_decay": (0.0, 10.0)}
+
+
+def _number(name: str, value: Any, lo: float, hi: float, *, closed_hi: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} = {value!r} is not a number")
+    if not (math.isfinite(value) and lo <= value and (value <= hi if closed_hi else value < hi)):
+        raise ValueError(f"{name} = {value!r} is outside [{lo}, {hi}{']' if closed_hi else ')'}")
+    return float(value)
+
+
+def check_optimizer_state(meta: dict, tensors: dict[str, torch.Tensor],
+                          params: list[torch.Tensor] | None) -> tuple[dict[int, dict], list[dict]]:
+    """Validate an optimizer checkpoint against what histoclip's AdamW writes; return (state, param_groups).
+
+    One param group holding each trainable parameter once; its flags as histoclip sets them (no ``maximize``, no
+    ``amsgrad``); ``betas`` in [0, 1), finite and sane ``lr``, ``eps``, ``weight_decay``; per parameter a float32
+    ``exp_avg`` and a non-negative ``exp_avg_sq`` of the parameter's shape and a non-negative integral ``step``,
+    all finite; no other entries.
+    """
+    groups = meta["param_groups"]
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], Mapping):
+        raise ValueError(f"param_groups must be one group (histoclip trains all parameters in one), got "
+                         f"{len(groups) if isinstance(groups, list) else type(groups).__name__}")
+    group = dict(groups[0])
+    known = set(_GROUP_FLAGS) | set(_GROUP_NUMBERS) | {"betas", "params"}
+    if set(group) - known:
+        raise ValueError(f"param group entries {sorted(set(group) - known)} are not AdamW's")
+    for name, allowed in _GROUP_FLAGS.items():
+        if name in group and (group[name] not in allowed or not isinstance(group[name], bool | None)):
+            raise ValueError(f"{name} = {group[name]!r} in its param group (histoclip writes "
+                             f"{' or '.join(map(str, sorted(allowed, key=str)))})")
+    for name, (lo, hi) in _GROUP_NUMBERS.items():
+        if name in group:
+            _number(name, group[name], lo, hi)
+    betas = group.get("betas")
+    if not isinstance(betas, list | tuple) or len(betas) != 2:
+        raise ValueError(f"betas = {betas!r} is not two numbers")
+    group["betas"] = tuple(_number(f"betas[{i}]", b, 0.0, 1.0, closed_hi=False) for i, b in enumerate(betas))
+    ids = group.get("params")
+    n = len(params) if params is not None else None
+    if (not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+            or len(set(ids)) != len(ids) or (n is not None and sorted(ids) != list(range(n)))):
+        raise ValueError(f"its param group lists parameters {str(ids)[:80]}, not each of the model's "
+                         f"{n if n is not None else ''} trainable parameters once")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        pid = int(pid)
+        if pid not in ids:
+            raise ValueError(f"{key} belongs to no parameter of its param group")
+        if name not in ("exp_avg", "exp_avg_sq", "step"):
+            raise ValueError(f"{key} is not an AdamW state tensor (exp_avg, exp_avg_sq, step)")
+        if value.dtype != torch.float32:
+            raise ValueError(f"{key} is {value.dtype}, not float32")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{key} holds NaN or inf values")
+        if name == "step":
+            if value.numel() != 1 or float(value) < 0 or float(value) != int(float(value)):
+                raise ValueError(f"{key} must be one non-negative whole number, got shape {tuple(value.shape)}")
+        else:
+            if params is not None and tuple(value.shape) != tuple(params[pid].shape):
+                raise ValueError(f"{key} of shape {tuple(value.shape)} does not fit parameter {pid} of shape "
+                                 f"{tuple(params[pid].shape)}")
+            if name == "exp_avg_sq" and bool((value < 0).any()):
+                raise ValueError(f"{key} holds negative second moments")
+        state.setdefault(pid, {})[name] = value
+    scalars = meta.get("scalars", {})
+    if not isinstance(scalars, Mapping):
+        raise ValueError("scalars is not an object")
+    for key, value in scalars.items():
+        pid, name = str(key).split(".", 1)
+        if int(pid) not in ids or name != "step":
+            raise ValueError(f"scalar {key!r} is not a step of one of its parameters")
+        state.setdefault(int(pid), {})[name] = _number(f"scalar {key}", value, 0.0, 1e12)
+    incomplete = sorted(p for p, entry in state.items() if set(entry) != {"exp_avg", "exp_avg_sq", "step"})
+    if incomplete:
+        raise ValueError(f"the state of parameters {incomplete[:5]} lacks some of exp_avg, exp_avg_sq, step")
+    return state, [group]
 
 
 def read_optimizer_state(dir_path: Path, epoch: int, rid: str | None = None,
@@ -428,23 +613,7 @@ def read_optimizer_state(dir_path: Path, epoch: int, rid: str | None = None,
         return None
     try:
         params = [p for p in module.parameters() if p.requires_grad] if module is not None else None
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            _, pid, name = key.split(".", 2)
-            pid = int(pid)
-            if params is not None and (not 0 <= pid < len(params) or
-                                       (name != "step" and tuple(value.shape) != tuple(params[pid].shape))):
-                raise ValueError(f"{key} of shape {tuple(value.shape)} fits no trainable parameter of the model")
-            state.setdefault(pid, {})[name] = value
-        for key, value in meta["scalars"].items():
-            pid, name = key.split(".", 1)
-            state.setdefault(int(pid), {})[name] = value
-        groups = meta["param_groups"]
-        if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
-            raise ValueError("param_groups is not a list of objects")
-        for group in groups:
-            if isinstance(group.get("betas"), list):
-                group["betas"] = tuple(group["betas"])
+        state, groups = check_optimizer_state(meta, tensors, params)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{path} does not fit the model next to it: {err}. {fix}") from err
+        raise ValueError(f"{path} is not a valid optimizer checkpoint for the model next to it: {err}. {fix}") from err
     return {"state": state, "param_groups": groups}

@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
-from .._utils import write_results
+from .._utils import check_coordinates_spread, write_results
 from ..io._slide import check_spatial
 
 if TYPE_CHECKING:
@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 def knn_graph(coords: np.ndarray, n_neighbors: int = 6, groups: np.ndarray | None = None) -> sp.csr_matrix:
     """Binary, symmetric k-NN graph of ``coords`` (no self loops), built separately within each group.
 
-    Memory and time grow with ``n * n_neighbors`` (KD-tree queries), never with ``n ** 2``.
+    Memory and time grow with ``n * n_neighbors`` (KD-tree queries), never with ``n ** 2``. Spots of one group all
+    at one point are an error.
     """
+    check_coordinates_spread(coords, groups)
     n = coords.shape[0]
     if groups is None:
         groups = np.zeros(n, dtype=int)
@@ -76,6 +78,7 @@ def gaussian_graph(
     """
     if not np.isfinite(sigma_um) or sigma_um <= 0:
         raise ValueError(f"The neighbourhood scale must be a positive number of microns, got {sigma_um!r}.")
+    check_coordinates_spread(coords_um, groups)
     n = coords_um.shape[0]
     if groups is None:
         groups = np.zeros(n, dtype=int)

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from .._constants import Key
 from .._settings import logger
-from .._utils import RNGLike, resolve_seed, timed, write_results
+from .._utils import RNGLike, check_coordinates_spread, resolve_seed, timed, write_results
 from ..io._slide import resolve
 from ..pp._genes import fit_rows
 from ..pp._graph import knn_graph, radius_graph, row_normalize, spot_coords_um
@@ -425,6 +425,7 @@ def domains(
         for i, s in enumerate(all_spots)
     ]).astype(str)
     coords = np.concatenate([s.coords() for s in all_spots])
+    check_coordinates_spread(coords, groups)
     section_names = list(dict.fromkeys(groups))
     center = batch_correction == "center" and len(section_names) > 1
     if use_rep is None:

@@ -1,18 +1,22 @@
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from .._constants import Key
-from .._utils import RNGLike, is_spatialdata, resolve_seed, timed, write_results
+from .._settings import logger
+from .._utils import RNGLike, get_table, is_spatialdata, resolve_seed, timed, write_results
 from ..io._slide import resolve_table_key
 from ..model import HistoCLIP
 from ..pp._patches import patch_image_key
 from ..train._loop import cpu_threads, torch_threads
 
 if TYPE_CHECKING:
-    import numpy as np
     from anndata import AnnData
     from spatialdata import SpatialData
 
@@ -62,6 +66,61 @@ def train(
     return model
 
 
+# The most memory one batch of the image tower may take in embed: a float32 3 x px x px patch costs about 32 times
+# its size in activations (measured: small CNN ~24x, ResNet-18 ~12x, ResNet-50 ~26x), so batches of large patches
+# are cut down to fit, whatever batch_size or a model file's patch_px asks for.
+EMBED_BATCH_BYTES = 256 * 2**20
+
+
+def _image_batch_size(model: HistoCLIP, batch_size: int) -> int:
+    px = model.init_params.get("patch_px") if model.init_params.get("image_features_key") is None else None
+    if not px:
+        return batch_size
+    fit = max(1, EMBED_BATCH_BYTES // (3 * 4 * 32 * int(px) ** 2))
+    if fit < batch_size:
+        logger.info("embed: %d spots per forward pass instead of %d (%d-px patches; batches are kept under %d MiB).",
+                    fit, batch_size, px, EMBED_BATCH_BYTES // 2**20)
+    return min(batch_size, fit)
+
+
+def _model_fingerprint(model: HistoCLIP) -> str:
+    """A hash of the model's weights: which model wrote an embedding."""
+    import hashlib
+
+    h = hashlib.sha1(usedforsecurity=False)
+    for name, value in model.module.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _joint_record_kept(adata: AnnData, modality: str, key_added: str, model_id: str) -> dict | None:
+    """For ``modality="image"`` over a stored joint of the same ``key_added``: the record to keep, or an error.
+
+    The image-only call rewrites ``{key_added}_image`` only. When the joint, expression latent and image weight
+    stored under ``key_added`` are this model's (the same weights), the record of the joint call still describes
+    everything stored and is kept; when they are another model's, the image call would leave them out of step with
+    their record, and is refused before any work.
+    """
+    if modality != "image" or key_added not in adata.obsm:
+        return None
+    root = adata.uns.get(Key.uns.histoclip, {})
+    params = root.get("params", {}) if isinstance(root, Mapping) else {}
+    record = params.get("embed") if isinstance(params, Mapping) else None
+    if (isinstance(record, Mapping) and record.get("key_added") == key_added and record.get("modality") == "all"
+            and record.get("model_fingerprint") == model_id):
+        return dict(record)
+    stale = [f"adata.obsm[{k!r}]" for k in (key_added, f"{key_added}_expression") if k in adata.obsm]
+    stale += [f"adata.obs[{k!r}]" for k in (_weight_key(key_added),) if k in adata.obs]
+    raise ValueError(
+        f"{', '.join(stale)} hold the joint embedding of another model (or one with no record of its model); "
+        f"embedding only the image with this model under key_added={key_added!r} would leave them out of step with "
+        f"adata.obsm[{key_added + '_image'!r}] and with the record in uns['histoclip']['params']['embed']. Pass "
+        "another key_added, embed with modality='all', or delete them first ("
+        + "; ".join(f"del {k}" for k in stale) + ")."
+    )
+
+
 def _weight_key(key_added: str) -> str:
     if key_added == Key.obsm.joint:
         return Key.obs.image_weight
@@ -95,7 +154,8 @@ def embed(
     key_added
         Key of the joint embedding; the others get ``_image`` and ``_expression`` appended.
     batch_size
-        Spots per forward pass.
+        Spots per forward pass; fewer for large patches, so that one batch of the image tower takes at most
+        ``EMBED_BATCH_BYTES`` (256 MiB) of activations (logged).
     copy
         Return a copy instead of writing to ``data`` (AnnData only).
 
@@ -114,7 +174,12 @@ def embed(
     - ``obs["histoclip_image_weight"]``: the fusion's weight of the image for each spot, in [0, 1] (the expression's
       is one minus it; ``modality="all"`` only; named ``f"{key_added}_image_weight"`` when ``key_added`` is changed;
       absent for a model without an image branch), drawn by :func:`histoclip.pl.image_weight`;
-    - ``uns["histoclip"]["params"]["embed"]``: the model's settings and training parameters.
+    - ``uns["histoclip"]["params"]["embed"]``: the model's settings and training parameters, and
+      ``model_fingerprint``, a hash of its weights. A ``modality="image"`` call over a joint of the same
+      ``key_added`` keeps the joint call's record when that joint is the same model's, and is refused (before any
+      work) when it is another model's, so the record always describes what is stored.
+
+    Embeddings with NaN or inf values (a model whose weights overflow) are an error; nothing is written.
 
     """
     if modality not in ("all", "image"):
@@ -122,9 +187,14 @@ def embed(
     if not isinstance(model, HistoCLIP):
         raise TypeError(f"model must be a histoclip HistoCLIP (from histoclip.tl.train), got {type(model).__name__}.")
     model._check_trained()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    batch_size = _image_batch_size(model, int(batch_size))
     uses_patches = model.init_params.get("image_features_key") is None and model.init_params.get("use_image", True)
     if uses_patches:
         image_key = patch_image_key(data, model.setup_params["table_key"], image_key)
+    model_id = _model_fingerprint(model)
+    kept = _joint_record_kept(get_table(data, model.setup_params["table_key"]), modality, key_added, model_id)
     with timed("embed"), torch_threads(cpu_threads()), _setup_image_key(model, image_key):
         obs: dict[str, np.ndarray] = {}
         if modality == "image":
@@ -147,8 +217,23 @@ def embed(
         if section.spots.source != "anndata":
             raise ValueError("copy=True is only supported for AnnData input.")
         adata = adata.copy()
+    bad = {k: int((~np.isfinite(v)).any(axis=-1).sum()) if v.ndim > 1 else int((~np.isfinite(v)).sum())
+           for k, v in {**out, **obs}.items()}
+    if any(bad.values()):
+        source = getattr(model, "_loaded_from", None)
+        raise ValueError(
+            f"The model{f' loaded from {source}' if source else ''} gives NaN or inf embeddings for "
+            f"{max(bad.values())} of {section.spots.n_obs} spots ({', '.join(f'{k}: {n}' for k, n in bad.items() if n)}"
+            "): its weights overflow (finite but huge, or a diverged training run). Nothing was written. Retrain the "
+            "model, or load one saved from a run whose history shows a finite loss."
+        )
     params = {"modality": modality, "key_added": key_added, **model.init_params, **model.train_params,
-              "patch_size_um": model.patch_settings.get("size_um"), "image_key": image_key}
+              "patch_size_um": model.patch_settings.get("size_um"), "image_key": image_key,
+              "model_fingerprint": model_id}
+    if kept is not None:  # the joint of this key_added is this model's: the record still describes all of it
+        params = kept
+        logger.info("embed: adata.obsm[%r] and its expression latent are from this model too; the record keeps "
+                    "modality 'all'.", key_added)
     write_results(adata, obsm=out, obs=obs or None, params=("embed", params))
     return adata if copy else None
 
