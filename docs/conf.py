@@ -69,6 +69,7 @@ def _assemble() -> None:
     for png in results.glob("*.png"):
         _sync(png, out / png.name)
     for name, script in (("prediction.md", "prediction.py"), ("domains.md", "domains.py"),
+                         ("domains_slides.md", "domains_slides.py"),
                          ("domains_pooled.md", "domains.py --pooled"),
                          ("domains_sensitivity.md", "domains.py --seeds --ablation-seeds --sensitivity-seeds 0 1 2"),
                          ("speed.md", "speed.py"),
