@@ -42,7 +42,9 @@ def run_bounded(code: str, limit_gib: float = 3, timeout: float = 120) -> str:
         t0 = time.perf_counter()
     """) + textwrap.dedent(code) + textwrap.dedent("""
         print("seconds", time.perf_counter() - t0)
-        print("maxrss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM is this process's own peak (ru_maxrss would keep the forking parent's, e.g. a large pytest process)
+        hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0].split()[1]
+        print("maxrss_mib", int(hwm) / 1024)
     """)
     env = {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)

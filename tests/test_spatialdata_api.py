@@ -162,7 +162,8 @@ CASES = {
     "pl.domain_genes": _pl_domain_genes,
     "pl.predicted_expression": _pl_predicted_expression, "pl.image_weight": _pl_image_weight,
 }
-NO_DATA_ARGUMENT = {"pl.loss": "takes a model", "pl.gene_correlation": "takes a Series of correlations"}
+NO_DATA_ARGUMENT = {"pl.loss": "takes a model", "pl.gene_correlation": "takes a Series of correlations",
+                    "tl.foundation_models": "lists the registry of image encoders"}
 
 
 def test_every_pl_and_tl_function_is_checked_with_spatialdata():
