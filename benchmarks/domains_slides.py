@@ -194,8 +194,9 @@ def main() -> None:
     lines = ["# Domains on every slide: model-free path and joint embedding", "",
              "Package defaults; as many domains as labels (5 on the unlabelled olfactory bulb sections). ARI against "
              "the labels, unlabelled spots ignored (HER2ST: the authors' expression clusters, a description only); "
-             "seed-to-seed: mean ARI between the domains of every pair of seeds (the seed drives the training noise and the "
-             "clustering; the starting weights are fixed, `init_seed=0`, unless a row says otherwise). Wall time: train + embed + domains (model-free: domains) per seed, one thread, on the "
+             "seed-to-seed: mean ARI between the domains of every pair of seeds (the seed drives the training noise "
+             "and the clustering; the starting weights are fixed, `init_seed=0`, unless a row says otherwise). Wall "
+             "time: train + embed + domains (model-free: domains) per seed, one thread, on the "
              f"2-core CPU shared with other jobs (1-min load up to {max(loads)[0]:.1f}). "
              "Produced by `benchmarks/domains_slides.py`.", "",
              "| slide | method | ARI mean | ARI sd | seed-to-seed | wall s | seeds |", "|---|---|---|---|---|---|---|"]
