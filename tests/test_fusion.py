@@ -191,8 +191,8 @@ def test_joint_keeps_the_model_free_representation_beside_what_was_learned(fused
     """The skip block of X_histoclip is the representation tl.domains clusters without a model (up to each column's
     sign and the block's scale), whatever training did to the learned block."""
     from histoclip.io._slide import resolve
-    from histoclip.pp._graph import radius_graph, spot_coords_um
-    from histoclip.tl._domains import expression_pca, smooth_features
+    from histoclip.pp._graph import radius_graph, smooth_features, spot_coords_um
+    from histoclip.tl._domains import expression_pca
 
     model, adata = fused
     k = model.module.skip_components

@@ -7,6 +7,7 @@ and one :class:`Slide` per library with spot centres in the pixel frame of the c
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from ._image import ImageSource, MultiscaleImageSource, open_image
 from ._platform import NAMES, SPACING_UM, infer_platform
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from spatialdata import SpatialData
 
@@ -440,6 +441,17 @@ def _scale_without_scalefactors(xy: np.ndarray, spot_diameter_um: float | None, 
     logger.info("Library %r: no adata.uns['spatial']; %s spots of %g um on a %s grid %.4g units apart: %.4g um per "
                 "unit.", lib, NAMES[p.name], spot_diameter_um, p.lattice.kind, p.lattice.spacing, um)
     return um, p.name, spot_diameter_um
+
+
+def library_has_image(entry: Any, img_key: str | None = None) -> bool:
+    """Whether one ``uns["spatial"][library]`` entry holds an image to draw (``img_key``'s, or any)."""
+    if not isinstance(entry, Mapping):
+        return False
+    images = dict(entry.get("images", {}) or {})
+    meta = dict(entry.get("metadata", {}) or {})
+    available = [k for k, v in images.items() if v is not None and np.size(v) > 0]
+    available += ["fullres"] if "fullres_image" in meta else []
+    return bool(available) if img_key is None else img_key in available
 
 
 def _resolve_anndata(

@@ -19,7 +19,7 @@ from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
 from ..pp._genes import expression_matrix, select_genes
-from ..pp._graph import gaussian_graph, knn_graph, radius_graph, row_normalize, spot_coords_um
+from ..pp._graph import gaussian_graph, knn_graph, radius_graph, row_normalize, smooth_features, spot_coords_um
 from ..train import pick_device
 from ..train._distributed import fit_with_strategy
 from . import _save
@@ -57,27 +57,24 @@ class _EpochEnd:
         return {"fn": None}  # a closure over the model cannot (and need not) travel to another process
 
 
-def _has_image(data, table_key: str = "table", library_key: str | None = None, library_id: str | None = None) -> bool:
+def _has_image(data, library_id: str | None = None) -> bool:
     """Whether every section of ``data`` has an image to cut patches from (or patch boxes already cut)."""
-    from .._utils import get_table, is_spatialdata
+    from .._utils import is_spatialdata
+    from ..io._slide import library_has_image
 
     for d in _as_list(data):
         if is_spatialdata(d):
             if not len(d.images):
                 return False
             continue
-        table = get_table(d, table_key) if not isinstance(d, AnnData) else d
-        if Key.obsm.patch_box in table.obsm:
+        if Key.obsm.patch_box in d.obsm:
             continue
-        spatial = table.uns.get(Key.uns.spatial)
+        spatial = d.uns.get(Key.uns.spatial)
         if not isinstance(spatial, dict) or not spatial:
             return False
         libs = [library_id] if library_id is not None and library_id in spatial else list(spatial)
-        for lib in libs:
-            entry = spatial[lib] if isinstance(spatial[lib], dict) else {}
-            meta = entry.get("metadata", {}) or {}
-            if not (entry.get("images") or (isinstance(meta, dict) and meta.get("fullres_image"))):
-                return False
+        if not all(library_has_image(spatial[lib]) for lib in libs):
+            return False
     return True
 
 
@@ -318,7 +315,7 @@ class HistoCLIP:
                                       or not 0 <= init_seed < 2**63):
             raise ValueError(f"init_seed must be a non-negative integer or None (from train's rng), got {init_seed!r}.")
         if use_image is None:  # an image (or image features) when the data has one, else an expression-only model
-            use_image = image_features_key is not None or _has_image(data, table_key, library_key, library_id)
+            use_image = image_features_key is not None or _has_image(data, library_id)
             if not use_image:
                 logger.warning("HistoCLIP: the data has no image; training an expression-only model (use_image=False).")
         if image_features_key is not None:
@@ -817,7 +814,7 @@ class HistoCLIP:
                 joint, w = self.module.fuse(zi, z_e)
                 out["expression"].append(z_e.cpu().numpy())
                 out["fused"].append(joint.float().cpu().numpy())
-                if self.init_params.get("use_image", True):
+                if use_image:
                     out["image_weight"].append(w.float().cpu().numpy())
         res = {k: np.concatenate(v).astype(np.float32) for k, v in out.items() if v}
         if inputs is None:
@@ -840,14 +837,8 @@ class HistoCLIP:
 
         Averaged twice over each spot's neighbours within 150 um (with itself), as :func:`histoclip.tl.domains` does.
         """
-        from ..tl._domains import smooth_features
-
-        basis = self.module.skip_basis.detach().cpu().numpy()
-        proj = np.zeros((inputs.shape[0], basis.shape[1]), dtype=np.float32)
-        for i in range(0, inputs.shape[0], 8192):
-            proj[i : i + 8192] = inputs[i : i + 8192] @ basis
-        radius = float(self.init_params.get("skip_radius_um", SKIP_RADIUS_UM))
-        graph = radius_graph(spot_coords_um(section.spots), radius, section.spots.library_labels())
+        proj = inputs @ self.module.skip_basis.detach().cpu().numpy()
+        graph = radius_graph(spot_coords_um(section.spots), SKIP_RADIUS_UM, section.spots.library_labels())
         return smooth_features(proj, graph, SKIP_HOPS)
 
     @torch.inference_mode()

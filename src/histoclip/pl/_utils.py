@@ -11,7 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 
 from .._settings import logger
-from ..io._slide import Slide, SpotData, resolve_regions, several_regions_key
+from ..io._slide import Slide, SpotData, library_has_image, resolve_regions, several_regions_key
 
 
 def plot_image_key(data, table_key: str, image_key: str | None) -> str | None:
@@ -136,17 +136,6 @@ def _draw_raster(ax: Axes, xy: np.ndarray, d: float, values: np.ndarray, *, cate
                      vmin=vmin, vmax=vmax, alpha=alpha)
 
 
-def _library_has_image(entry, img_key: str | None) -> bool:
-    """Whether one ``uns["spatial"][library]`` entry holds an image to draw (``img_key``'s, or any)."""
-    if not isinstance(entry, Mapping):
-        return False
-    images = dict(entry.get("images", {}) or {})
-    meta = dict(entry.get("metadata", {}) or {})
-    available = [k for k, v in images.items() if v is not None and np.size(v) > 0]
-    available += ["fullres"] if "fullres_image" in meta else []
-    return bool(available) if img_key is None else img_key in available
-
-
 def resolve_for_plot(data, **kwargs) -> SpotData:
     """Resolve ``data`` for a figure (:func:`histoclip.io.resolve`), with or without images.
 
@@ -165,7 +154,7 @@ def resolve_for_plot(data, **kwargs) -> SpotData:
     img_key = kwargs.get("img_key")
     spatial = data.uns.get("spatial") if hasattr(data, "uns") else None
     entries = spatial if isinstance(spatial, Mapping) else {}
-    with_image = {str(k) for k, v in entries.items() if _library_has_image(v, img_key)}
+    with_image = {str(k) for k, v in entries.items() if library_has_image(v, img_key)}
     if entries and len(with_image) == len(entries):
         return resolve(data, **kwargs)  # every library has its image (errors as usual, e.g. a missing file)
     spots = resolve(data, **{**kwargs, "need_image": False})

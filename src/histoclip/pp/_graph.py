@@ -121,6 +121,17 @@ def row_normalize(a: sp.spmatrix, self_loops: bool = True, *, isolated_self: boo
     return sp.diags(1.0 / deg).dot(a).tocsr().astype(np.float32)
 
 
+def smooth_features(x: np.ndarray, graph: sp.spmatrix, n_hops: int) -> np.ndarray:
+    """Average each spot's features with its neighbours', ``n_hops`` times (sparse products only).
+
+    ``graph`` may be weighted (e.g. :func:`gaussian_graph`); each spot counts itself with weight 1.
+    """
+    a = row_normalize(graph, self_loops=True)
+    for _ in range(n_hops):
+        x = a @ x
+    return np.asarray(x, dtype=np.float32)
+
+
 def spatial_neighbors(
     adata: AnnData,
     *,

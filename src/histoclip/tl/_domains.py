@@ -12,22 +12,11 @@ from .._settings import logger
 from .._utils import RNGLike, check_coordinates_spread, resolve_seed, timed, write_results
 from ..io._slide import resolve
 from ..pp._genes import fit_rows
-from ..pp._graph import knn_graph, radius_graph, row_normalize, spot_coords_um
+from ..pp._graph import knn_graph, radius_graph, smooth_features, spot_coords_um
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
-
-
-def smooth_features(x: np.ndarray, graph: sp.spmatrix, n_hops: int) -> np.ndarray:
-    """Average each spot's features with its neighbours', ``n_hops`` times (sparse products only).
-
-    ``graph`` may be weighted (e.g. :func:`~histoclip.pp._graph.gaussian_graph`); each spot counts itself with weight 1.
-    """
-    a = row_normalize(graph, self_loops=True)
-    for _ in range(n_hops):
-        x = a @ x
-    return np.asarray(x, dtype=np.float32)
 
 
 def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
@@ -486,6 +475,12 @@ def domains(
     return None
 
 
+def _embed_record(adata: AnnData) -> dict:
+    """The parameters :func:`histoclip.tl.embed` recorded on ``adata`` (an empty dict when there are none)."""
+    rec = adata.uns.get(Key.uns.histoclip, {}).get("params", {}).get("embed", {})
+    return rec if isinstance(rec, dict) else {}
+
+
 def _embedded_joint(tables: list) -> str | None:
     """The joint embedding :func:`histoclip.tl.embed` wrote on every table, or ``None`` (then: the expression PCA).
 
@@ -494,8 +489,8 @@ def _embedded_joint(tables: list) -> str | None:
     """
     keys = set()
     for t in tables:
-        rec = t.uns.get(Key.uns.histoclip, {}).get("params", {}).get("embed", {})
-        key = rec.get("key_added") if isinstance(rec, dict) else None
+        rec = _embed_record(t)
+        key = rec.get("key_added")
         if rec.get("modality", "all") != "all" or not isinstance(key, str) or key not in t.obsm:
             keys.add(None)
         else:
@@ -519,7 +514,7 @@ def _has_context(adata: AnnData, use_rep: str) -> bool:
     with its neighbours', so smoothing it again blurs thin domains (DLPFC 151673 / 151674, seeds 0-4: ARI 0.587 / 0.598
     without, 0.583 / 0.572 with two hops).
     """
-    rec = adata.uns.get(Key.uns.histoclip, {}).get("params", {}).get("embed", {})
+    rec = _embed_record(adata)
     key = rec.get("key_added")
     return bool(rec.get("spatial_context", False)) and key is not None and use_rep in (key, f"{key}_expression")
 
