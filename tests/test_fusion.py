@@ -255,3 +255,7 @@ def test_starting_weights_do_not_depend_on_the_training_seed():
     assert not torch.equal(first_conv(None, 1), first_conv(None, 2))  # drawn from rng when init_seed is None
     with pytest.raises(ValueError, match="init_seed"):
         HistoCLIP(adata, init_seed=-1, **TINY)
+    with pytest.raises(ValueError, match="skip_components"):
+        HistoCLIP(adata, skip_components=-1, **TINY)
+    with pytest.raises(ValueError, match="init_expression"):
+        HistoCLIP(adata, init_expression="zeros", **TINY)
