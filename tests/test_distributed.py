@@ -103,7 +103,7 @@ def test_spawned_two_process_training(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     model = _toy_model()
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    dataset = ConcatDataset([PatchDataset(s.reader, x, s.features, context=s.graph)
+    dataset = ConcatDataset([PatchDataset(s.reader, x.expression, s.features, context=s.graph)
                              for s, x in zip(model._sections, model._train_inputs, strict=True)])
     result = fit_spawned(model.module, dataset, devices=2, device=torch.device("cpu"), max_epochs=2, batch_size=32,
                          lr=1e-3, weight_decay=1e-4, seed=0, augment=True, precision="32", num_workers=0)

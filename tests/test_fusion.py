@@ -43,7 +43,7 @@ def test_gaussian_graph_is_physical():
 
 def test_neighbour_positives_are_neighbours_and_seeded(fused):
     model, _ = fused
-    section, x = model._sections[0], model._train_inputs[0]
+    section, x = model._sections[0], model._train_inputs[0].expression
     ds = PatchDataset(section.reader, x, None, context=section.graph, positives=True, seed=3)
     again = PatchDataset(section.reader, x, None, context=section.graph, positives=True, seed=3)
     g = x.shape[1]
@@ -148,14 +148,14 @@ def test_domains_do_not_smooth_the_model_embedding_again(fused):
 
 def test_ablation_switches():
     x = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
-    e = torch.randn(6, 4 * 12)
+    e = torch.randn(6, 4 * 5)  # projected inputs: [own, neighbourhood, positive's own, positive's neighbourhood]
     no_image = HistoclipModule(12, embedding_dim=4, n_components=5, use_image=False)
-    z_e = no_image.expression_embedding(e[:, :24])
+    z_e = no_image.expression_embedding(e[:, :10])
     joint, w = no_image.fuse(no_image.image_embedding(x), z_e)
     torch.testing.assert_close(joint, z_e)
     assert (w == 0).all()
     mean = HistoclipModule(12, embedding_dim=4, n_components=5, fusion="mean")
-    _, w = mean.fuse(mean.image_embedding(x), mean.expression_embedding(e[:, :24]))
+    _, w = mean.fuse(mean.image_embedding(x), mean.expression_embedding(e[:, :10]))
     assert (w == 0.5).all()
     for kw in ({"reconstruction_weight": 0.0}, {"cross_modal_weight": 0.0}, {"spatial_context": False}, {}):
         out = HistoclipModule(12, embedding_dim=4, n_components=5, **kw)(x, e)
@@ -214,8 +214,9 @@ def test_untrained_expression_latent_is_the_smoothed_pca():
     m.expression_basis.copy_(torch.randn(12, 5))
     m.init_expression_latent_from_pca()
     e = torch.randn(7, 24)
-    own, nbr = e[:, :12] @ m.expression_basis, e[:, 12:] @ m.expression_basis
-    torch.testing.assert_close(m.expression_embedding(e), 0.5 * (own + nbr)[:, :4])
+    own, nbr = m.project(e[:, :12]), m.project(e[:, 12:])
+    torch.testing.assert_close(own, e[:, :12] @ m.expression_basis)
+    torch.testing.assert_close(m.expression_embedding(torch.cat([own, nbr], dim=1)), 0.5 * (own + nbr)[:, :4])
 
 
 def test_a_slide_without_an_image_trains_embeds_clusters_and_plots(tmp_path, caplog):

@@ -127,23 +127,40 @@ def test_nan_loss_is_reported(toy_patched):
 
 def test_spatial_context_items_match_dense_neighbour_means(toy_patched):
     from histoclip.data import PatchDataset
-    from histoclip.model._histoclip import _column_moments
 
     model = HistoCLIP(toy_patched, n_genes=30)
-    section, z = model._sections[0], model._train_inputs[0]
+    section, z = model._sections[0], model._train_inputs[0].expression
     ds = PatchDataset(section.reader, z, None, context=section.graph)
     dense = np.concatenate([z, section.graph @ z], axis=1)
     for i in (0, 7, toy_patched.n_obs - 1):
         np.testing.assert_allclose(ds[i][1].numpy(), dense[i], rtol=1e-5, atol=1e-6)
-    # the standardised inputs have zero mean and unit sd per gene (moments streamed in blocks)
-    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-4)
-    blocks = [np.random.default_rng(0).normal(3, 2, size=(n, 4)).astype(np.float32) for n in (5, 11)]
-    mean, std = _column_moments(blocks, chunk=3)
-    stacked = np.concatenate(blocks)
-    np.testing.assert_allclose(mean, stacked.mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(std, stacked.std(axis=0), rtol=1e-5)
     with pytest.raises(ValueError, match="context"):
         PatchDataset(section.reader, None, None, context=section.graph)
+
+
+def test_the_model_holds_projections_streamed_in_blocks_not_spots_by_genes(toy_patched, monkeypatch):
+    import histoclip.pp._genes as genes_module
+    from histoclip.pp._genes import expression_matrix
+
+    model = HistoCLIP(toy_patched, n_genes=30, n_components=10)
+    monkeypatch.setattr(genes_module, "CHUNK_ROWS", 7)  # every statistic streamed over many small blocks
+    blocky = HistoCLIP(toy_patched, n_genes=30, n_components=10)
+    x = expression_matrix(toy_patched, model.genes).astype(np.float64)
+    mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-3)
+    z = (x - mean) / std
+    for m in (model, blocky):
+        np.testing.assert_allclose(m.gene_mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.gene_std, std, rtol=1e-4, atol=1e-6)
+        held = m._train_inputs[0]
+        basis, skip = m.module.expression_basis.numpy(), m.module.skip_basis.numpy()
+        assert held.expression.shape == (toy_patched.n_obs, basis.shape[1]) and basis.shape[1] < 30
+        assert held.skip.shape == (toy_patched.n_obs, skip.shape[1])
+        np.testing.assert_allclose(held.expression, z @ basis, atol=1e-4)
+        np.testing.assert_allclose(held.skip, z @ skip, atol=1e-4)
+        # the principal axes are those of the dense standardised data (up to sign)
+        top = np.linalg.eigh(np.cov(z, rowvar=False))[1][:, -1]
+        assert abs(np.corrcoef(top, basis[:, 0])[0, 1]) > 0.999
+    np.testing.assert_allclose(blocky._train_inputs[0].expression, model._train_inputs[0].expression, atol=1e-4)
 
 
 def test_default_epochs_keep_steps_roughly_constant(toy_patched):

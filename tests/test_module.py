@@ -50,7 +50,7 @@ def test_frozen_backbone_gets_no_gradient():
 
 def test_module_forward_and_bad_args():
     m = HistoclipModule(10, latent_dim=8, hidden_dim=32)
-    out = m(torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), torch.randn(4, 10))
+    out = m(torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), m.project(torch.randn(4, 10)))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="temperature"):
         HistoclipModule(10, temperature=0)

@@ -18,7 +18,7 @@ from .._utils import RNGLike, resolve_seed
 from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
-from ..pp._genes import expression_matrix, select_genes
+from ..pp._genes import LogExpression, select_genes
 from ..pp._graph import gaussian_graph, knn_graph, radius_graph, row_normalize, smooth_features, spot_coords_um
 from ..train import pick_device
 from ..train._distributed import fit_with_strategy
@@ -94,22 +94,26 @@ def _auto_patch_px(sections: list) -> int:
     return int(np.clip(8 * np.ceil(side / 8), 16, 32))
 
 
-def _input_covariance(xs: list[np.ndarray], chunk: int = 8192, max_rows: int = 20_000) -> np.ndarray:
-    """Gene-gene covariance ``(n_genes, n_genes)`` float64 of the standardised inputs of all training spots.
+def _input_covariance(logs: list[LogExpression], mean: np.ndarray, std: np.ndarray, *, block: int = 8192,
+                      max_rows: int = 20_000) -> np.ndarray:
+    """Gene-gene covariance ``(n_genes, n_genes)`` float64 of the standardised inputs of the training spots.
 
-    Accumulated over row blocks of an even subsample of at most ``max_rows`` spots (memory ``n_genes ** 2``, not
-    another copy of the data): the axes of 100k spots cost 20k's.
+    On an even subsample of at most ``max_rows`` spots (every ``step``-th spot of each section), densified
+    ``block`` rows at a time: memory ``n_genes ** 2`` plus one block, not another copy of the data; the axes of 1M
+    spots cost 20k's.
     """
-    g = xs[0].shape[1]
+    g = mean.size
     cov = np.zeros((g, g), dtype=np.float64)
     n = 0
-    total = sum(x.shape[0] for x in xs)
-    step = max(1, total // max_rows)
-    for x in xs:
-        for i in range(0, x.shape[0], chunk * step):
-            b = x[i : i + chunk * step : step].astype(np.float64)
-            cov += b.T @ b
-            n += b.shape[0]
+    step = max(1, sum(lg.n_obs for lg in logs) // max_rows)
+    m, sd = mean.astype(np.float64), std.astype(np.float64)
+    for lg in logs:
+        for start, chunk in lg.chunks():
+            rows = np.flatnonzero(np.arange(start, start + chunk.shape[0]) % step == 0)
+            for i in range(0, rows.size, block):
+                z = (chunk[rows[i : i + block]].toarray().astype(np.float64) - m) / sd
+                cov += z.T @ z
+                n += z.shape[0]
     return cov / max(n - 1, 1)
 
 
@@ -158,26 +162,49 @@ def default_max_epochs(n_obs: int) -> int:
     return int(min(30, max(1, round(120_000 / max(int(n_obs), 1)))))
 
 
-def _column_moments(xs: list[np.ndarray], chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and standard deviation (floored at 1e-3) over the rows of several arrays, in float64 chunks.
+def _log_moments(logs: list[LogExpression]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and standard deviation (floored at 1e-3) of the log expression over all training spots.
 
-    Streams over row blocks instead of stacking the sections, so memory stays at one block.
+    Sums and sums of squares in float64, streamed over sparse row blocks: memory stays at one block.
     """
-    n = sum(x.shape[0] for x in xs)
+    n = sum(lg.n_obs for lg in logs)
     if n == 0:
         raise ValueError("No training spots.")
-    total = np.zeros(xs[0].shape[1], dtype=np.float64)
-    for x in xs:
-        for i in range(0, x.shape[0], chunk):
-            total += x[i : i + chunk].sum(axis=0, dtype=np.float64)
+    total = np.zeros(logs[0].columns.size, dtype=np.float64)
+    sq = np.zeros_like(total)
+    for lg in logs:
+        for _, chunk in lg.chunks():
+            total += np.asarray(chunk.sum(axis=0, dtype=np.float64)).ravel()
+            sq += np.asarray(chunk.multiply(chunk).sum(axis=0, dtype=np.float64)).ravel()
     mean = total / n
-    sq = np.zeros_like(mean)
-    for x in xs:
-        for i in range(0, x.shape[0], chunk):
-            d = x[i : i + chunk].astype(np.float64) - mean
-            sq += np.einsum("ij,ij->j", d, d)
-    std = np.maximum(np.sqrt(sq / n), 1e-3)
+    std = np.maximum(np.sqrt(np.maximum(sq / n - mean**2, 0.0)), 1e-3)
     return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _projections(log: LogExpression, mean: np.ndarray, std: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """``((x - mean) / std) @ axes`` for every spot of ``log``, ``(n_obs, k)`` float32, from sparse row blocks.
+
+    Computed as ``x @ (axes / std) - (mean / std) @ axes`` so the standardised (dense) expression is never formed:
+    what the model holds of a slide is ``n_obs x k`` (k = the expression and skip components), not spots x genes.
+    """
+    w = axes.astype(np.float64) / std.astype(np.float64)[:, None]
+    offset = mean.astype(np.float64) @ w
+    out = np.empty((log.n_obs, axes.shape[1]), dtype=np.float32)
+    for start, chunk in log.chunks():
+        out[start : start + chunk.shape[0]] = chunk @ w - offset
+    return out
+
+
+@dataclass
+class _Inputs:
+    """What the model holds of a section's expression: projections on its principal axes, not spots x genes."""
+
+    expression: np.ndarray  # (n_obs, n_components): the standardised inputs on the expression basis
+    skip: np.ndarray  # (n_obs, skip_components): the same on the skip's axes
+
+    @property
+    def n_obs(self) -> int:
+        return self.expression.shape[0]
 
 
 class HistoCLIP:
@@ -373,19 +400,21 @@ class HistoCLIP:
         self.genes = [str(g) for g in genes]
         if not self.genes:
             raise ValueError("No genes to train on.")
-        xs = [expression_matrix(t, self.genes, layer=layer) for t in tables]
-        self.gene_mean, self.gene_std = _column_moments(xs)
-        self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, sections, strict=True)]
-        cov = _input_covariance(self._train_inputs)
+        # the expression is streamed in sparse row blocks three times (moments, axes, projections): the model then
+        # holds each spot's projections on its principal axes, never a dense spots x genes array
+        logs = [LogExpression(t, self.genes, layer=layer) for t in tables]
+        self.gene_mean, self.gene_std = _log_moments(logs)
+        cov = _input_covariance(logs, self.gene_mean, self.gene_std)
         self._basis = _expression_basis(cov, int(n_components))
         self._skip = _skip_basis(cov, self.gene_std, int(skip_components))
         del cov
-        del xs  # standardised in place: one (n_obs, n_genes) float32 copy of the expression is held, not several
         self._sections = sections
         feat_dim = sections[0].features.shape[1] if image_features_key is not None else None
         self.init_params["image_in_features"] = feat_dim
         self.patch_settings = self._patch_settings(tables[0])
         self.module = self._build_module(seed=0)
+        self._train_inputs = [self._inputs(lg) for lg in logs]
+        del logs
         self.history = pd.DataFrame(columns=["epoch", "loss", "image_to_expression", "expression_to_image"])
         self.is_trained = False
         self.train_params: dict[str, Any] = {}
@@ -480,16 +509,13 @@ class HistoCLIP:
             return vals.pop() if len(vals) == 1 else None
         return None
 
-    def _expression_inputs(self, x: np.ndarray, section: _Section) -> np.ndarray:
-        """Standardised log expression of the model's genes (what the expression tower embeds).
-
-        ``x`` is a float32 array this call may overwrite (:func:`expression_matrix` returns a fresh one): it is
-        standardised in place, so a 100k-spot slide does not hold a second dense copy.
-        """
-        x = np.asarray(x, dtype=np.float32)
-        x -= self.gene_mean
-        x /= self.gene_std
-        return x
+    def _inputs(self, log: LogExpression) -> _Inputs:
+        """A section's expression as the model sees it: projections on the module's expression and skip axes."""
+        m = self.module
+        k = m.expression_basis.shape[1]
+        axes = torch.cat([m.expression_basis, m.skip_basis], dim=1).detach().cpu().numpy()
+        proj = _projections(log, self.gene_mean, self.gene_std, axes)
+        return _Inputs(np.ascontiguousarray(proj[:, :k]), np.ascontiguousarray(proj[:, k:]))
 
     def _n_inputs(self) -> int:
         return len(self.genes)
@@ -632,7 +658,7 @@ class HistoCLIP:
         dataset = ConcatDataset([
             # with spatial context each item is [own inputs, neighbourhood mean], built per item from the sparse
             # graph: the (n_obs, 2 * n_genes) matrix is never materialised
-            PatchDataset(s.reader, x, s.features, context=s.graph if context else None,
+            PatchDataset(s.reader, x.expression, s.features, context=s.graph if context else None,
                          positives=context and self.init_params["spatial_weight"] > 0, seed=seed + 7 * i)
             for i, (s, x) in enumerate(zip(self._sections, self._train_inputs, strict=True))
         ])
@@ -705,8 +731,7 @@ class HistoCLIP:
         section = self._section(data, need_counts=needs_expr) if needs_image else self._expr_only_section(data)
         inputs = None
         if needs_expr:
-            x = expression_matrix(section.spots.adata, self.genes, layer=self.init_params["layer"])
-            inputs = self._expression_inputs(x, section)
+            inputs = self._inputs(LogExpression(section.spots.adata, self.genes, layer=self.init_params["layer"]))
         return section, inputs
 
     def _expr_only_section(self, data) -> _Section:
@@ -761,7 +786,7 @@ class HistoCLIP:
         return self._embeddings(section, inputs, batch_size, with_image=modality != "expression")[modality]
 
     @torch.inference_mode()
-    def _embed(self, section: _Section, inputs: np.ndarray | None, modality: str, batch_size: int) -> np.ndarray:
+    def _embed(self, section: _Section, inputs: _Inputs | None, modality: str, batch_size: int) -> np.ndarray:
         """``"image"`` / ``"expression"``: the L2-normalised contrastive projections (the retrieval space)."""
         self.module.eval()
         dev = self.device
@@ -777,16 +802,17 @@ class HistoCLIP:
             raise ValueError(f"modality must be 'image' or 'expression', got {modality!r}.")
         return np.concatenate(out).astype(np.float32)
 
-    def _expression_batches(self, section: _Section, inputs: np.ndarray, batch_size: int):
-        """``[own, neighbourhood mean]`` expression inputs in batches (own only without spatial context)."""
+    def _expression_batches(self, section: _Section, inputs: _Inputs, batch_size: int):
+        """``[own, neighbourhood mean]`` projected expression inputs in batches (own only without spatial context)."""
         ctx = section.graph if self.init_params["spatial_context"] else None
-        for i in range(0, inputs.shape[0], batch_size):
-            own = inputs[i : i + batch_size]
-            parts = [own, np.asarray(ctx[i : i + batch_size] @ inputs, dtype=np.float32)] if ctx is not None else [own]
+        proj = inputs.expression
+        for i in range(0, proj.shape[0], batch_size):
+            own = proj[i : i + batch_size]
+            parts = [own, np.asarray(ctx[i : i + batch_size] @ proj, dtype=np.float32)] if ctx is not None else [own]
             yield torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=1)))
 
     @torch.inference_mode()
-    def _embeddings(self, section: _Section, inputs: np.ndarray | None, batch_size: int, *,
+    def _embeddings(self, section: _Section, inputs: _Inputs | None, batch_size: int, *,
                     with_image: bool = True, scaled: bool = True) -> dict[str, np.ndarray]:
         """The latents written by :func:`histoclip.tl.embed`.
 
@@ -832,12 +858,12 @@ class HistoCLIP:
         res["joint"] = np.concatenate([skip * s_skip, fused * s_fused], axis=1).astype(np.float32)
         return res
 
-    def _skip_representation(self, section: _Section, inputs: np.ndarray) -> np.ndarray:
+    def _skip_representation(self, section: _Section, inputs: _Inputs) -> np.ndarray:
         """The expression skip: principal components of the log expression, smoothed like the model-free PCA.
 
         Averaged twice over each spot's neighbours within 150 um (with itself), as :func:`histoclip.tl.domains` does.
         """
-        proj = inputs @ self.module.skip_basis.detach().cpu().numpy()
+        proj = inputs.skip
         graph = radius_graph(spot_coords_um(section.spots), SKIP_RADIUS_UM, section.spots.library_labels())
         return smooth_features(proj, graph, SKIP_HOPS)
 
@@ -953,8 +979,8 @@ class HistoCLIP:
         self._data = items
         self._sections = [self._section(d, need_counts=True) for d in items]
         self.predictor_state = {}  # built from other training spots
-        xs = [expression_matrix(s.spots.adata, self.genes, layer=self.init_params["layer"]) for s in self._sections]
-        self._train_inputs = [self._expression_inputs(x, s) for x, s in zip(xs, self._sections, strict=True)]
+        self._train_inputs = [self._inputs(LogExpression(s.spots.adata, self.genes, layer=self.init_params["layer"]))
+                              for s in self._sections]
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "untrained"

@@ -30,9 +30,11 @@ class HistoclipModule(nn.Module):
     """Image and expression encoders, a per-spot attention fusion of the two, and the losses that train them.
 
     Expression path: the standardised log expression of the model's genes is projected on a fixed basis (the
-    training data's principal components, a buffer set by :class:`~histoclip.model.HistoCLIP`), and a spot's own
-    projection is joined with the mean of its spatial neighbours' (a one-hop graph layer) and mapped linearly to
-    the ``embedding_dim`` expression latent. Image path: the image backbone (small CNN, ResNet or precomputed
+    training data's principal components, the buffer ``expression_basis`` set by :class:`~histoclip.model.HistoCLIP`,
+    which does the projection: :meth:`project`), and a spot's own projection is joined with the mean of its spatial
+    neighbours' (a one-hop graph layer) and mapped linearly to the ``embedding_dim`` expression latent. The network
+    itself only ever sees the projections (``n_components`` values per spot), so what a slide costs does not grow
+    with its genes. Image path: the image backbone (small CNN, ResNet or precomputed
     features) and an MLP give the image latent. Fusion: an attention score per modality and spot (SpatialGlue's
     form), softmax over the two, and the weighted sum of the latents: the joint embedding.
 
@@ -176,20 +178,25 @@ class HistoclipModule(nn.Module):
                 lin.weight[idx, k + idx] = 0.5
 
     # ------------------------------------------------------------------------------------------- encoders
+    def project(self, e: torch.Tensor) -> torch.Tensor:
+        """Standardised inputs ``(B, n_inputs)`` projected on the expression basis, ``(B, n_components)``."""
+        return e.float() @ self.expression_basis
+
     def skip_projection(self, e: torch.Tensor) -> torch.Tensor:
         """Projection of standardised inputs ``(B, n_inputs)`` on the skip's axes, ``(B, skip_components)``."""
         return e.float() @ self.skip_basis
 
-    def _project(self, e: torch.Tensor) -> torch.Tensor:
-        return e.float() @ self.expression_basis
+    def expression_embedding(self, p: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Expression latent ``(B, embedding_dim)`` of projected inputs ``p = [own, neighbourhood mean]`` (or own).
 
-    def expression_embedding(self, e: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Expression latent ``(B, embedding_dim)`` of ``e`` = ``[own, neighbourhood mean]`` (or own alone)."""
-        own = self._project(e[:, : self.n_inputs])
+        Each block is ``n_components`` wide: the spot's (and its neighbourhood mean's) :meth:`project`.
+        """
+        k = self.n_components
+        own = p[:, :k].float()
         if mask is not None:
             own = own * mask
-        if e.shape[1] >= 2 * self.n_inputs and self.spatial_context:
-            nbr = self._project(e[:, self.n_inputs : 2 * self.n_inputs])
+        if p.shape[1] >= 2 * k and self.spatial_context:
+            nbr = p[:, k : 2 * k].float()
         else:
             nbr = torch.zeros_like(own)
         return self.expression_latent(torch.cat([own, nbr], dim=1))
@@ -213,9 +220,9 @@ class HistoclipModule(nn.Module):
         """L2-normalised contrastive projection of the image (the retrieval space), ``(B, latent_dim)``."""
         return F.normalize(self.image_head(self.image_embedding(x)).float(), dim=-1)
 
-    def encode_expression(self, e: torch.Tensor) -> torch.Tensor:
-        """L2-normalised contrastive projection of the expression input, ``(B, latent_dim)``."""
-        return F.normalize(self.expression_head(self.expression_embedding(e)).float(), dim=-1)
+    def encode_expression(self, p: torch.Tensor) -> torch.Tensor:
+        """L2-normalised contrastive projection of projected expression inputs, ``(B, latent_dim)``."""
+        return F.normalize(self.expression_head(self.expression_embedding(p)).float(), dim=-1)
 
     # ------------------------------------------------------------------------------------------- training
     def _image_target(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,14 +231,14 @@ class HistoclipModule(nn.Module):
         return patch_colour_targets(x)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> LossOutput:
-        """Training loss of a batch of patches ``x`` and expression inputs ``e``.
+        """Training loss of a batch of patches ``x`` and projected expression inputs ``e``.
 
-        ``e`` is ``(B, n_inputs)`` (own expression), ``(B, 2 * n_inputs)`` (own and neighbourhood mean) or
-        ``(B, 4 * n_inputs)`` (also a random spatial neighbour's own and neighbourhood mean: the positive of the
-        neighbour term).
+        With ``k = n_components`` (each block a :meth:`project` of standardised inputs): ``e`` is ``(B, k)`` (own
+        expression), ``(B, 2k)`` (own and neighbourhood mean) or ``(B, 4k)`` (also a random spatial neighbour's own and
+        neighbourhood mean: the positive of the neighbour term).
         """
         fn = clip_loss if self.loss_name == "clip" else pml_clip_loss
-        g = self.n_inputs
+        g = self.n_components
         mask = None
         if self.mask_rate > 0:
             mask = (torch.rand(e.shape[0], self.n_components, device=e.device) >= self.mask_rate).float()
@@ -242,8 +249,8 @@ class HistoclipModule(nn.Module):
         total = zero
         rec = zero
         if self.reconstruction_weight > 0:
-            own = self._project(e[:, :g])
-            nbr = self._project(e[:, g : 2 * g]) if e.shape[1] >= 2 * g and self.spatial_context else own
+            own = e[:, :g].float()
+            nbr = e[:, g : 2 * g].float() if e.shape[1] >= 2 * g and self.spatial_context else own
             rec = F.mse_loss(self.expression_decoder(joint).float(), 0.5 * (own + nbr))
             if self.image_reconstruction_weight > 0 and z_img is not None:
                 rec = rec + self.image_reconstruction_weight * F.mse_loss(

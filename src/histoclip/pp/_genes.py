@@ -144,26 +144,59 @@ def _morans_i_sparse(x: sp.csr_matrix, graph: sp.spmatrix) -> np.ndarray:
     return np.divide(n / s0 * num, den, out=np.zeros_like(den), where=den > 1e-12)
 
 
+CHUNK_ROWS = 65_536  # spots per block when the log expression is streamed (memory: one block, never spots x genes)
+
+
+class LogExpression:
+    """The log-normalised expression of ``genes`` in ``adata``, read in row blocks of sparse float32.
+
+    Holds a reference to the counts (no copy) and each spot's total; :meth:`chunks` yields
+    ``log1p(counts / total * 1e4)`` of the genes block by block, so statistics and projections over a million Visium HD
+    bins never hold a dense spots x genes array. Spots with zero counts are kept (their expression is all zeros) and
+    a warning gives their number.
+    """
+
+    def __init__(self, adata: AnnData, genes: Sequence[str], *, layer: str | None = None) -> None:
+        missing = [g for g in genes if g not in adata.var_names]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} of the model's {len(genes)} genes are absent from adata.var_names (first: "
+                f"{missing[:5]}; adata has e.g. {list(adata.var_names[:5])}). Subset or reorder the data to the "
+                "model's genes (model.genes), or predict without counts with histoclip.tl.predict_expression."
+            )
+        self.counts = counts_matrix(adata, layer)
+        self.totals = np.asarray(self.counts.sum(axis=1)).ravel()
+        empty = self.totals <= 0
+        if empty.any():  # kept, not dropped: results stay aligned with adata's rows
+            logger.warning(
+                "%d of %d spots have zero counts (first: %s); they are kept and their log-normalised expression is "
+                "zero. Drop them first (e.g. sc.pp.filter_cells(adata, min_counts=1)) if they are not tissue.",
+                int(empty.sum()), len(self.totals), list(adata.obs_names[empty][:5]),
+            )
+        self.columns = adata.var_names.get_indexer(list(genes))
+        self.n_obs = int(adata.n_obs)
+
+    def chunks(self, chunk: int | None = None):
+        """``(start, block)`` pairs: rows ``start:start + len(block)`` as sparse float32 CSR (spots x genes).
+
+        ``chunk`` rows per block (default :data:`CHUNK_ROWS`).
+        """
+        chunk = int(CHUNK_ROWS if chunk is None else chunk)
+        for i in range(0, self.n_obs, chunk):
+            yield i, log_normalize(self.counts[i : i + chunk][:, self.columns], self.totals[i : i + chunk])
+
+    def dense(self) -> np.ndarray:
+        """All spots as one dense float32 array (small data only: this is spots x genes)."""
+        blocks = [np.asarray(b.todense(), dtype=np.float32) for _, b in self.chunks()]
+        if not blocks:
+            return np.zeros((0, self.columns.size), dtype=np.float32)
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
 def expression_matrix(adata: AnnData, genes: Sequence[str], *, layer: str | None = None) -> np.ndarray:
     """Dense float32 log-normalised expression of ``genes`` (normalised by each spot's total over all genes).
 
-    Spots with zero counts are kept (their expression is all zeros) and a warning gives their number.
+    Spots with zero counts are kept (their expression is all zeros) and a warning gives their number. For data too
+    large to hold dense (Visium HD), :class:`LogExpression` streams the same values in sparse row blocks.
     """
-    missing = [g for g in genes if g not in adata.var_names]
-    if missing:
-        raise KeyError(
-            f"{len(missing)} of the model's {len(genes)} genes are absent from adata.var_names (first: {missing[:5]}; "
-            f"adata has e.g. {list(adata.var_names[:5])}). Subset or reorder the data to the model's genes "
-            "(model.genes), or predict without counts with histoclip.tl.predict_expression."
-        )
-    x = counts_matrix(adata, layer)
-    totals = np.asarray(x.sum(axis=1)).ravel()
-    empty = totals <= 0
-    if empty.any():  # kept, not dropped: results stay aligned with adata's rows
-        logger.warning(
-            "%d of %d spots have zero counts (first: %s); they are kept and their log-normalised expression is zero. "
-            "Drop them first (e.g. sc.pp.filter_cells(adata, min_counts=1)) if they are not tissue.",
-            int(empty.sum()), len(totals), list(adata.obs_names[empty][:5]),
-        )
-    idx = adata.var_names.get_indexer(list(genes))
-    return np.asarray(log_normalize(x[:, idx], totals).todense(), dtype=np.float32)
+    return LogExpression(adata, genes, layer=layer).dense()
