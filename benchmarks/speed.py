@@ -6,7 +6,7 @@ one image width/height (in full-resolution pixels) and jittered (normal, sd 2 fu
 repeated; then exactly N spots are drawn without replacement (seeded). k = ceil(sqrt(N / 3639)).
 
 Each stage runs in a fresh subprocess that loads the previous stage's output from disk; its wall time covers the
-histoclip call only (not loading/saving), its memory is the subprocess's peak RSS (resource.getrusage ru_maxrss),
+histoclip call only (not loading/saving), its memory is the subprocess's peak RSS (VmHWM of /proc/self/status),
 which includes importing torch/scanpy and reading the h5ad (the "baseline" row measures that alone). Stages:
 extract (hc.pp.extract_patches: boxes only, pixels are read lazily by training), train (hc.tl.train with every
 default: 2000 Moran's I genes with spatial context, small CNN on patches of the automatic patch_px (16 here: the
@@ -98,10 +98,22 @@ def build_slide(n: int, path: Path, seed: int = 0, umis_per_spot: float | None =
             "umis_per_spot_median": float(np.median(np.asarray(x.sum(axis=1)).ravel())), "nnz": int(x.nnz)}
 
 
-def run_stage(stage: str, work: Path) -> dict:
-    """Body of one subprocess: load inputs, time one histoclip call, save outputs, report peak RSS."""
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: VmHWM of /proc/self/status.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries the parent's peak across fork + exec into it, so a stage started by
+    a parent that built a 1M-spot slide would report the parent's memory.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+
+
+def run_stage(stage: str, work: Path, epochs: int | None = None) -> dict:
+    """Body of one subprocess: load inputs, time one histoclip call, save outputs, report peak RSS."""
     import anndata as ad
     import numpy as np
 
@@ -118,7 +130,7 @@ def run_stage(stage: str, work: Path) -> dict:
         seconds = time.perf_counter() - t
         adata.write_h5ad(work / "patched.h5ad")
     elif stage == "train":
-        model = hc.tl.train(adata, accelerator="cpu", rng=0)
+        model = hc.tl.train(adata, max_epochs=epochs, accelerator="cpu", rng=0)
         seconds = time.perf_counter() - t
         epochs = model.history["seconds"].to_numpy(dtype=float)
         epoch_s = float(epochs.mean())
@@ -143,16 +155,17 @@ def run_stage(stage: str, work: Path) -> dict:
         extra = {"n_domains_found": int(adata.obs["histoclip_domain"].nunique())}
     if stage != "extract":
         seconds = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss = _peak_rss_mb()
     return {"seconds": seconds, "peak_rss_mb": rss, **extra}
 
 
-def _child(stage: str, work: Path, threads: int) -> dict:
+def _child(stage: str, work: Path, threads: int, epochs: int | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--work", str(work)], capture_output=True,
-                          text=True, env=env)
+    cmd = [sys.executable, __file__, "--stage", stage, "--work", str(work)]
+    cmd += ["--epochs", str(epochs)] if epochs else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}",
                 "process_seconds": time.perf_counter() - t}
@@ -202,8 +215,26 @@ def plot(result: dict, path: Path) -> None:
 
 
 def add_ratios(result: dict) -> None:
-    """time(100k) / time(10k) per stage (10 = linear); training also per epoch and for the first epoch alone."""
+    """time(100k) / time(10k) per stage (10 = linear); training also per epoch and for the first epoch alone.
+
+    For every other pair of consecutive sizes: time ratio over size ratio of train + embed and of every stage
+    (``scaling``; 1 = linear in N).
+    """
     runs = result["runs"]
+    sizes = sorted(int(n) for n in runs)
+    scaling = {}
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        ra, rb = runs[str(a)], runs[str(b)]
+        row = {"size_ratio": b / a}
+        for stage in ("extract", "train", "embed", "domains"):
+            if "seconds" in ra.get(stage, {}) and "seconds" in rb.get(stage, {}):
+                row[f"{stage}_time_ratio"] = rb[stage]["seconds"] / max(ra[stage]["seconds"], 1e-9)
+        if "train_time_ratio" in row and "embed_time_ratio" in row:
+            row["train_embed_time_ratio"] = (rb["train"]["seconds"] + rb["embed"]["seconds"]) / max(
+                ra["train"]["seconds"] + ra["embed"]["seconds"], 1e-9)
+        scaling[f"{b}/{a}"] = row
+    if scaling:
+        result["scaling"] = scaling
     if "10000" not in runs or "100000" not in runs:
         return
     ratio = {}
@@ -244,6 +275,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {int(n):,} | **{' + '.join(done)}** | **{e2e:.1f}** | | | calls only |")
     ratio = result.get("time_ratio_100k_over_10k", {})
     out = ["\n".join(lines), ""]
+    for pair, row in result.get("scaling", {}).items():
+        out.append(f"Time ratio {pair} (size ratio {row['size_ratio']:.1f}): " + ", ".join(
+            f"{k.removesuffix('_time_ratio')} {v:.2f}" for k, v in row.items() if k != "size_ratio") + ".")
+    if result.get("scaling"):
+        out.append("")
     if ratio:
         out.append("Time ratio 100k / 10k per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in ratio.items())
                    + " (linear = 10; training runs 12 epochs at 10k and 1 at 100k by default, so compare "
@@ -263,14 +299,18 @@ def main() -> None:
                          "8 um bins; results go to speed_hd.json/.md/.png")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                     help="stages to run (e.g. leave out predict at 1M)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="fixed training epochs (default: hc.model.default_max_epochs(N)); for time-vs-N scaling")
+    ap.add_argument("--name", default=None,
+                    help="results file stem (default: speed, or speed_hd with --hd-depth)")
     ap.add_argument("--report-only", action="store_true", help="rewrite speed.md from speed.json")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
-        print(json.dumps(run_stage(args.stage, args.work)))
+        print(json.dumps(run_stage(args.stage, args.work, args.epochs)))
         return
-    name = "speed_hd" if args.hd_depth else "speed"
+    name = args.name or ("speed_hd" if args.hd_depth else "speed")
     if args.report_only:
         result = json.loads((RESULTS / f"{name}.json").read_text())
         add_ratios(result)
@@ -289,11 +329,12 @@ def main() -> None:
                 + (f"; counts binomially thinned to ~{args.hd_depth:g} UMIs per spot (Visium HD depth)"
                    if args.hd_depth else ""),
         "umis_per_spot": args.hd_depth,
-        "memory": "peak RSS (resource.getrusage ru_maxrss) of a fresh subprocess per stage; includes imports and "
+        "memory": "peak RSS (VmHWM) of a fresh subprocess per stage; includes imports and "
                   "reading the h5ad (see 'baseline')",
         "settings": "every default (2000 Moran genes with spatial context, small CNN at the automatic patch_px, "
-                    "batch 256, epochs = hc.model.default_max_epochs(N)), CPU",
-        "epochs": {str(n): hc.model.default_max_epochs(n) for n in args.sizes},
+                    "batch 256, epochs = " + (f"{args.epochs} (fixed)" if args.epochs else
+                                              "hc.model.default_max_epochs(N)") + "), CPU",
+        "epochs": {str(n): args.epochs or hc.model.default_max_epochs(n) for n in args.sizes},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch "
                    f"{torch.__version__}; see each stage's loadavg_1min for other load",
         "threads": args.threads,
@@ -313,7 +354,7 @@ def main() -> None:
                 if stage == "predict" and not result["predict_expression"]:
                     run[stage] = {"skipped": "histoclip.tl.predict_expression does not exist yet"}
                     continue
-                run[stage] = _child(stage, work, args.threads)
+                run[stage] = _child(stage, work, args.threads, args.epochs)
                 print(f"N={n:6d} {stage:8s} {json.dumps(run[stage])}", file=sys.stderr, flush=True)
             run["end_to_end_seconds"] = sum(r.get("process_seconds", 0.0) for r in run.values() if isinstance(r, dict))
             result["runs"][str(n)] = run

@@ -209,6 +209,27 @@ def test_joint_keeps_the_model_free_representation_beside_what_was_learned(fused
         assert (centred ** 2).sum(axis=1).mean() == pytest.approx(1.0, rel=1e-3)
 
 
+def test_block_scales_of_a_large_slide_come_from_a_sample_of_its_spots(fused, monkeypatch):
+    """Above FIT_SAMPLE training spots the two block scales are estimated on a sample: embedding a sample of rows gives
+    exactly those rows of the full embedding, and the estimate is close to the full one."""
+    import histoclip.model._histoclip as mod
+
+    model, _ = fused
+    section, inputs = model._sections[0], model._train_inputs[0]
+    full = model._embeddings(section, inputs, 64, scaled=False)
+    rows = np.sort(np.random.default_rng(1).choice(inputs.n_obs, 90, replace=False))
+    part = model._embeddings(section, inputs, 64, scaled=False, rows=rows)
+    for key in ("skip", "fused", "image", "expression"):
+        np.testing.assert_allclose(part[key], full[key][rows], rtol=1e-5, atol=1e-5)
+    exact = model.module.block_scale.clone()
+    monkeypatch.setattr(mod, "FIT_SAMPLE", 150)
+    model._set_block_scale()
+    sampled = model.module.block_scale.clone()
+    model.module.block_scale.copy_(exact)
+    assert not torch.equal(sampled, exact)
+    torch.testing.assert_close(sampled, exact, rtol=0.1, atol=0)
+
+
 def test_untrained_expression_latent_is_the_smoothed_pca():
     m = HistoclipModule(12, embedding_dim=4, n_components=5)
     m.expression_basis.copy_(torch.randn(12, 5))

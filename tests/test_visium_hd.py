@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_visium_hd_fixture import make_visium_hd, read_visium_hd  # noqa: E402
@@ -291,3 +292,11 @@ def test_gene_ranking_on_a_sample_is_the_ranking_of_that_sample(monkeypatch):
     assert sampled == select_genes(sub, 20)
     markers = {f"g{i}" for i in range(30)}  # the band genes (equally spatial, so their order among them is noise)
     assert set(full) <= markers and set(sampled) <= markers
+
+
+def test_detection_counts_streamed_in_row_blocks_match_the_sparse_pattern():
+    from histoclip.pp._genes import _spots_detected
+
+    x = sp.random(1000, 60, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    x.data[::7] = 0  # explicit zeros are not detections
+    np.testing.assert_array_equal(_spots_detected(x, chunk=37), np.asarray((x > 0).sum(axis=0)).ravel())

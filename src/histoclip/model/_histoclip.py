@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from .._constants import Key
 from .._settings import logger, settings
@@ -18,7 +18,7 @@ from .._utils import RNGLike, resolve_seed
 from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
-from ..pp._genes import LogExpression, select_genes
+from ..pp._genes import FIT_SAMPLE, LogExpression, fit_rows, select_genes
 from ..pp._graph import gaussian_graph, knn_graph, radius_graph, row_normalize, smooth_features, spot_coords_um
 from ..train import pick_device
 from ..train._distributed import fit_with_strategy
@@ -440,7 +440,8 @@ class HistoCLIP:
             raise ValueError("The training sections share no gene names.")
         parts = []
         for i, s in enumerate(sections):
-            t = s.spots.adata[:, common]
+            # the table itself when it holds just the common genes (one section): a view would copy the counts
+            t = s.spots.adata if s.spots.adata.var_names.equals(common) else s.spots.adata[:, common]
             part = AnnData(X=t.layers[layer] if layer else t.X)
             part.obsm["spatial"] = s.spots.coords()
             part.obs["library"] = [f"{i}/{lib}" for lib in s.spots.library_labels()]
@@ -802,18 +803,24 @@ class HistoCLIP:
             raise ValueError(f"modality must be 'image' or 'expression', got {modality!r}.")
         return np.concatenate(out).astype(np.float32)
 
-    def _expression_batches(self, section: _Section, inputs: _Inputs, batch_size: int):
-        """``[own, neighbourhood mean]`` projected expression inputs in batches (own only without spatial context)."""
+    def _expression_batches(self, section: _Section, inputs: _Inputs, batch_size: int, rows: np.ndarray | None = None):
+        """``[own, neighbourhood mean]`` projected expression inputs in batches (own only without spatial context).
+
+        ``rows``: only these spots (their neighbourhoods still come from every spot).
+        """
         ctx = section.graph if self.init_params["spatial_context"] else None
         proj = inputs.expression
-        for i in range(0, proj.shape[0], batch_size):
-            own = proj[i : i + batch_size]
-            parts = [own, np.asarray(ctx[i : i + batch_size] @ proj, dtype=np.float32)] if ctx is not None else [own]
+        order = np.arange(proj.shape[0]) if rows is None else np.asarray(rows)
+        for i in range(0, order.size, batch_size):
+            r = order[i : i + batch_size] if rows is not None else slice(i, i + batch_size)
+            own = proj[r]
+            parts = [own, np.asarray(ctx[r] @ proj, dtype=np.float32)] if ctx is not None else [own]
             yield torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=1)))
 
     @torch.inference_mode()
     def _embeddings(self, section: _Section, inputs: _Inputs | None, batch_size: int, *,
-                    with_image: bool = True, scaled: bool = True) -> dict[str, np.ndarray]:
+                    with_image: bool = True, scaled: bool = True,
+                    rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The latents written by :func:`histoclip.tl.embed`.
 
         ``image``, and with ``inputs`` also ``expression``, ``joint`` and ``image_weight`` (the fusion's per-spot
@@ -821,7 +828,7 @@ class HistoCLIP:
         With the expression skip (``skip_components > 0``) the joint embedding is ``[skip, fused]``: the spot's
         smoothed expression principal components (the model-free representation of :func:`histoclip.tl.domains`)
         beside the learned fusion, each block scaled to unit mean squared norm over the training spots
-        (``scaled=False``: the two blocks unscaled, as ``skip`` and ``fused``).
+        (``scaled=False``: the two blocks unscaled, as ``skip`` and ``fused``). ``rows``: only these spots.
         """
         self.module.eval()
         dev = self.device
@@ -829,14 +836,16 @@ class HistoCLIP:
         use_image = bool(self.init_params.get("use_image", True)) and with_image
         if use_image:
             ds = PatchDataset(section.reader, None, section.features)
+            if rows is not None:
+                ds = Subset(ds, np.asarray(rows).tolist())
             for img, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
                 out["image"].append(self.module.image_embedding(img.to(dev)).float().cpu().numpy())
         if inputs is not None:
             z_img = np.concatenate(out["image"]) if use_image else None
-            for j, e in enumerate(self._expression_batches(section, inputs, batch_size)):
+            for j, e in enumerate(self._expression_batches(section, inputs, batch_size, rows)):
                 z_e = self.module.expression_embedding(e.to(dev)).float()
-                rows = slice(j * batch_size, j * batch_size + len(e))
-                zi = None if z_img is None else torch.from_numpy(z_img[rows]).to(dev)
+                block = slice(j * batch_size, j * batch_size + len(e))
+                zi = None if z_img is None else torch.from_numpy(z_img[block]).to(dev)
                 joint, w = self.module.fuse(zi, z_e)
                 out["expression"].append(z_e.cpu().numpy())
                 out["fused"].append(joint.float().cpu().numpy())
@@ -850,6 +859,8 @@ class HistoCLIP:
             res["joint"] = fused
             return res
         skip = self._skip_representation(section, inputs)
+        if rows is not None:
+            skip = skip[rows]
         if not scaled:
             return {**res, "skip": skip, "fused": fused}
         if getattr(self, "_scale_stale", False):
@@ -872,12 +883,16 @@ class HistoCLIP:
         """Scale the two blocks of the joint embedding (skip, fused) to unit mean squared norm over the training spots.
 
         The blocks are centred first; each then carries the same weight in the clustering of
-        :func:`histoclip.tl.domains`.
+        :func:`histoclip.tl.domains`. Above :data:`~histoclip.pp._genes.FIT_SAMPLE` training spots the scales are
+        estimated on a seeded sample of that many (spread over the sections by size), so this costs one embedding of
+        the sample, not of a million bins.
         """
         if self.module.skip_components == 0 or not self._sections:
             return
-        parts = [self._embeddings(s, x, batch_size, scaled=False) for s, x in zip(self._sections, self._train_inputs,
-                                                                               strict=True)]
+        total = sum(x.n_obs for x in self._train_inputs)
+        parts = [self._embeddings(s, x, batch_size, scaled=False,
+                                  rows=fit_rows(x.n_obs, 0, max(1, int(np.ceil(FIT_SAMPLE * x.n_obs / total)))))
+                 for s, x in zip(self._sections, self._train_inputs, strict=True)]
         scale = []
         for key in ("skip", "fused"):
             z = np.concatenate([p[key] for p in parts]).astype(np.float64)
