@@ -71,7 +71,7 @@ def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
     from histoclip.module._module import patch_colour_targets
 
     section, inputs = model._resolve_query(adata, "joint")
-    own = inputs @ model._basis
+    own = inputs.expression  # each spot's projection on the model's expression basis
     nbr = np.asarray(section.graph @ own)
     cols = []
     for img, _, _ in torch.utils.data.DataLoader(PatchDataset(section.reader, None, None), batch_size=512):
