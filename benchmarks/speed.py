@@ -202,7 +202,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     t0 = result["runs"][str(sizes[0])].get("train", {}).get("epoch_seconds")
     if t0:
-        ax_t.plot(ref, [t0, t0 * ref[1] / ref[0]], "k:", lw=0.8, label="linear (from the 1k epoch)")
+        ax_t.plot(ref, [t0, t0 * ref[1] / ref[0]], "k:", lw=0.8, label=f"linear (from the {sizes[0]:,}-spot epoch)")
     ax_t.set_ylabel("wall time of the call (s)")
     ax_m.set_ylabel("peak RSS of the stage's process (GiB)")
     ax_m.axhline(8, color="r", lw=0.8, ls=":", label="8 GiB")
