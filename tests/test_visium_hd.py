@@ -129,6 +129,9 @@ def test_16um_bins_by_table_key_and_the_fullres_image(hd_path):
     assert "histoclip" not in sdata.tables["square_008um"].uns
     hc.tl.domains(sdata, table_key="square_016um", n_domains=3, rng=0)
     assert sdata.tables["square_016um"].obs["histoclip_domain"].nunique() == 3
+    # 24 neighbours of a 16 um bin reach ~45 um: the smoothing takes as many hops as spread over 150 um (22 on a
+    # large grid; fewer on these 140 bins, where the nearest 24 of the many edge bins lie further out)
+    assert 10 <= sdata.tables["square_016um"].uns["histoclip"]["params"]["domains"]["n_hops"] <= 22
 
 
 def test_2um_bins_are_refused_with_a_clear_message(hd_path):
@@ -237,10 +240,12 @@ def test_expression_pca_on_a_sample_never_densifies_spots_by_genes(monkeypatch):
 
 def test_domains_on_a_sample_agree_with_the_full_fit(hd_path, monkeypatch, one_torch_thread):
     sdata = read_visium_hd(hd_path, bin_size=8)
-    hc.tl.domains(sdata, n_domains=3, rng=0, key_added="full")
+    # two hops: this fixture is 190 um across, so the default smoothing over 150 um (88 hops on 8 um bins) would
+    # blur its 64 um bands into each other; what is tested here is the sampled fit, not the smoothing
+    hc.tl.domains(sdata, n_domains=3, rng=0, n_hops=2, key_added="full")
     monkeypatch.setattr("histoclip.pp._genes.FIT_SAMPLE", 300)
     monkeypatch.setattr("histoclip.tl._domains._CHUNK", 100)
-    hc.tl.domains(sdata, n_domains=3, rng=0, key_added="sampled")
+    hc.tl.domains(sdata, n_domains=3, rng=0, n_hops=2, key_added="sampled")
     table = sdata.tables["square_008um"]
     assert table.uns["histoclip"]["params"]["domains"]["fit_sample"] == 300
     assert hc.metrics.adjusted_rand(table.obs["full"], table.obs["sampled"]) > 0.8
@@ -300,3 +305,26 @@ def test_detection_counts_streamed_in_row_blocks_match_the_sparse_pattern():
     x = sp.random(1000, 60, density=0.2, format="csr", dtype=np.float32, random_state=0)
     x.data[::7] = 0  # explicit zeros are not detections
     np.testing.assert_array_equal(_spots_detected(x, chunk=37), np.asarray((x > 0).sum(axis=0)).ravel())
+
+
+@pytest.mark.parametrize(("lattice", "hops"), [("bins8", 88), ("bins16", 22), ("visium", 2), ("legacy", 2)])
+def test_smoothing_spreads_over_the_same_microns_on_every_lattice(lattice, hops):
+    from histoclip.pp._graph import physical_hops, radius_graph, smooth_features
+
+    if lattice.startswith("bins"):  # Visium HD: a square grid of bins, 24 neighbours within the cap
+        xy = np.mgrid[0:60, 0:60].reshape(2, -1).T * float(lattice[4:])
+    elif lattice == "visium":  # hexagonal, 100 um apart: the 6 neighbours within 150 um, no cap
+        xy = np.array([[c * 100.0 + 50 * (r % 2), r * 100.0 * np.sqrt(3) / 2] for r in range(30) for c in range(30)])
+    else:  # legacy ST: 200 um apart, no neighbour within 150 um
+        xy = np.mgrid[0:20, 0:20].reshape(2, -1).T * 200.0
+    graph = radius_graph(xy, 150.0)
+    assert physical_hops(graph, xy, 150.0, 2) == hops
+    assert physical_hops(graph, xy, 150.0, 0) == 0
+    if lattice == "bins8":  # what the hops are for: a point of signal spreads over ~150 um, not over ~20 um
+        signal = np.zeros((xy.shape[0], 1))
+        centre = np.argmin(((xy - xy.mean(axis=0)) ** 2).sum(axis=1))
+        signal[centre] = 1.0
+        for n, lo, hi in ((2, 0, 40), (hops, 80, 160)):
+            out = smooth_features(signal, graph, n)[:, 0]
+            reach = np.sqrt((out * ((xy - xy[centre]) ** 2).sum(axis=1)).sum() / out.sum())
+            assert lo < reach < hi, (n, reach)

@@ -19,7 +19,15 @@ from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
 from ..pp._genes import FIT_SAMPLE, LogExpression, fit_rows, select_genes
-from ..pp._graph import gaussian_graph, knn_graph, radius_graph, row_normalize, smooth_features, spot_coords_um
+from ..pp._graph import (
+    gaussian_graph,
+    knn_graph,
+    physical_hops,
+    radius_graph,
+    row_normalize,
+    smooth_features,
+    spot_coords_um,
+)
 from ..train import pick_device
 from ..train._distributed import fit_with_strategy
 from . import _save
@@ -875,8 +883,9 @@ class HistoCLIP:
         Averaged twice over each spot's neighbours within 150 um (with itself), as :func:`histoclip.tl.domains` does.
         """
         proj = inputs.skip
-        graph = radius_graph(spot_coords_um(section.spots), SKIP_RADIUS_UM, section.spots.library_labels())
-        return smooth_features(proj, graph, SKIP_HOPS)
+        um = spot_coords_um(section.spots)
+        graph = radius_graph(um, SKIP_RADIUS_UM, section.spots.library_labels())
+        return smooth_features(proj, graph, physical_hops(graph, um, SKIP_RADIUS_UM, SKIP_HOPS))
 
     @torch.inference_mode()
     def _set_block_scale(self, batch_size: int = 512) -> None:

@@ -12,7 +12,7 @@ from .._settings import logger
 from .._utils import RNGLike, check_coordinates_spread, resolve_seed, timed, write_results
 from ..io._slide import resolve
 from ..pp._genes import fit_rows
-from ..pp._graph import knn_graph, radius_graph, smooth_features, spot_coords_um
+from ..pp._graph import knn_graph, physical_hops, radius_graph, smooth_features, spot_coords_um
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -314,7 +314,9 @@ def domains(
     n_hops
         Rounds of neighbour averaging before clustering (0: none). ``None``: 0 for histoclip's joint or expression
         embedding of a model trained with spatial context (the embedding already averages the neighbourhood, and the
-        joint's expression skip is smoothed like the model-free PCA), else 2.
+        joint's expression skip is smoothed like the model-free PCA), else 2; where the 24-neighbour cap keeps the
+        graph inside ``radius_um`` (Visium HD bins), as many as spread as far as 2 hops over the full radius
+        (:func:`~histoclip.pp._graph.physical_hops`: about 88 for 8 um bins, 22 for 16 um bins; logged and recorded).
     n_neighbors
         Use the ``n_neighbors`` nearest spots instead of ``radius_um`` (grid-counted, the setting of earlier
         versions).
@@ -392,6 +394,7 @@ def domains(
     tables = [s.adata for s in all_spots]
     if use_rep is None and not model_free:
         use_rep = _embedded_joint(tables)
+    hops_given = n_hops
     if n_hops is None:
         n_hops = 0 if use_rep is not None and all(_has_context(t, use_rep) for t in tables) else 2
     for i, adata in enumerate(tables):
@@ -438,7 +441,14 @@ def domains(
             if grid or not radius_um:
                 graph = knn_graph(coords, n_neighbors, groups)
             else:  # the same neighbours in microns for the smoothing and the refinement
-                graph = radius_graph(np.concatenate([spot_coords_um(s) for s in all_spots]), float(radius_um), groups)
+                um = np.concatenate([spot_coords_um(s) for s in all_spots])
+                graph = radius_graph(um, float(radius_um), groups)
+                if smooth and hops_given is None:  # capped graph (Visium HD bins): hops that reach radius_um
+                    hops = physical_hops(graph, um, float(radius_um), n_hops)
+                    if hops != n_hops:
+                        logger.info("domains: 24 neighbours reach less than %g um here (bins); %d rounds of averaging "
+                                    "instead of %d spread as far.", radius_um, hops, n_hops)
+                    n_hops = hops
         if smooth:
             x = smooth_features(x, graph, n_hops)
         if use_rep is not None and n_pcs is not None and x.shape[1] > n_pcs:
