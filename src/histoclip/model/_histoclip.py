@@ -818,9 +818,9 @@ class HistoCLIP:
         """
         ctx = section.graph if self.init_params["spatial_context"] else None
         proj = inputs.expression
-        order = np.arange(proj.shape[0]) if rows is None else np.asarray(rows)
-        for i in range(0, order.size, batch_size):
-            r = order[i : i + batch_size] if rows is not None else slice(i, i + batch_size)
+        n = proj.shape[0] if rows is None else len(rows)
+        for i in range(0, n, batch_size):
+            r = slice(i, i + batch_size) if rows is None else np.asarray(rows[i : i + batch_size])
             own = proj[r]
             parts = [own, np.asarray(ctx[r] @ proj, dtype=np.float32)] if ctx is not None else [own]
             yield torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=1)))
@@ -880,7 +880,8 @@ class HistoCLIP:
     def _skip_representation(self, section: _Section, inputs: _Inputs) -> np.ndarray:
         """The expression skip: principal components of the log expression, smoothed like the model-free PCA.
 
-        Averaged twice over each spot's neighbours within 150 um (with itself), as :func:`histoclip.tl.domains` does.
+        Averaged twice over each spot's neighbours within 150 um (with itself), as :func:`histoclip.tl.domains` does;
+        more often where the neighbour cap keeps the graph inside 150 um (Visium HD bins: :func:`physical_hops`).
         """
         proj = inputs.skip
         um = spot_coords_um(section.spots)

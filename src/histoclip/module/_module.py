@@ -182,10 +182,6 @@ class HistoclipModule(nn.Module):
         """Standardised inputs ``(B, n_inputs)`` projected on the expression basis, ``(B, n_components)``."""
         return e.float() @ self.expression_basis
 
-    def skip_projection(self, e: torch.Tensor) -> torch.Tensor:
-        """Projection of standardised inputs ``(B, n_inputs)`` on the skip's axes, ``(B, skip_components)``."""
-        return e.float() @ self.skip_basis
-
     def expression_embedding(self, p: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Expression latent ``(B, embedding_dim)`` of projected inputs ``p = [own, neighbourhood mean]`` (or own).
 

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
+#: most neighbours a spot keeps in the radius and Gaussian graphs (memory n x 24, never n x n)
+MAX_NEIGHBORS = 24
+
+
 def knn_graph(coords: np.ndarray, n_neighbors: int = 6, groups: np.ndarray | None = None) -> sp.csr_matrix:
     """Binary, symmetric k-NN graph of ``coords`` (no self loops), built separately within each group.
 
@@ -51,7 +55,7 @@ def radius_graph(
     radius_um: float,
     groups: np.ndarray | None = None,
     *,
-    max_neighbors: int = 24,
+    max_neighbors: int = MAX_NEIGHBORS,
 ) -> sp.csr_matrix:
     """Binary, symmetric sparse graph of the spots within ``radius_um`` microns of each other.
 
@@ -63,7 +67,7 @@ def radius_graph(
 
 
 def physical_hops(graph: sp.spmatrix, coords_um: np.ndarray, radius_um: float, n_hops: int,
-                  *, max_neighbors: int = 24, max_hops: int = 128) -> int:
+                  *, max_neighbors: int = MAX_NEIGHBORS, max_hops: int = 128) -> int:
     """Rounds of averaging on ``graph`` (a :func:`radius_graph`) that spread as far as ``n_hops`` within ``radius_um``.
 
     Where the graph holds every spot within ``radius_um`` (Visium, legacy ST) this is ``n_hops``. Where the
@@ -92,7 +96,7 @@ def gaussian_graph(
     sigma_um: float = 100.0,
     groups: np.ndarray | None = None,
     *,
-    max_neighbors: int = 24,
+    max_neighbors: int = MAX_NEIGHBORS,
 ) -> sp.csr_matrix:
     """Symmetric sparse graph of spots within ``3 * sigma_um`` microns, weighted ``exp(-d^2 / (2 sigma^2))``.
 

@@ -12,7 +12,7 @@ from .._settings import logger
 from .._utils import RNGLike, check_coordinates_spread, resolve_seed, timed, write_results
 from ..io._slide import resolve
 from ..pp._genes import fit_rows
-from ..pp._graph import knn_graph, physical_hops, radius_graph, smooth_features, spot_coords_um
+from ..pp._graph import MAX_NEIGHBORS, knn_graph, physical_hops, radius_graph, smooth_features, spot_coords_um
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -446,8 +446,8 @@ def domains(
                 if smooth and hops_given is None:  # capped graph (Visium HD bins): hops that reach radius_um
                     hops = physical_hops(graph, um, float(radius_um), n_hops)
                     if hops != n_hops:
-                        logger.info("domains: 24 neighbours reach less than %g um here (bins); %d rounds of averaging "
-                                    "instead of %d spread as far.", radius_um, hops, n_hops)
+                        logger.info("domains: %d neighbours reach less than %g um here (bins); %d rounds of averaging "
+                                    "instead of %d spread as far.", MAX_NEIGHBORS, radius_um, hops, n_hops)
                     n_hops = hops
         if smooth:
             x = smooth_features(x, graph, n_hops)
