@@ -194,6 +194,10 @@ class LogExpression:
         for i in range(0, self.n_obs, chunk):
             yield i, log_normalize(self.counts[i : i + chunk][:, self.columns], self.totals[i : i + chunk])
 
+    def rows(self, index: np.ndarray) -> sp.csr_matrix:
+        """The spots ``index`` (row numbers) as one sparse float32 CSR block (spots x genes)."""
+        return log_normalize(self.counts[index][:, self.columns], self.totals[index])
+
     def dense(self) -> np.ndarray:
         """All spots as one dense float32 array (small data only: this is spots x genes)."""
         blocks = [np.asarray(b.todense(), dtype=np.float32) for _, b in self.chunks()]

@@ -186,7 +186,7 @@ def _expression_pca_sampled(counts, var_names, coords, groups, rows, *, n_genes,
     import anndata as ad
     from sklearn.decomposition import PCA
 
-    from ..pp._genes import counts_matrix, log_normalize, select_genes
+    from ..pp._genes import LogExpression, select_genes
 
     logger.info("expression PCA: genes and axes fitted on a sample of %d of %d spots, then every spot projected.",
                 rows.size, counts.shape[0])
@@ -198,38 +198,32 @@ def _expression_pca_sampled(counts, var_names, coords, groups, rows, *, n_genes,
         sample.obs["_hc_library"] = groups[rows]
         lib = "_hc_library"
     genes = select_genes(sample, n_genes, library_key=lib)
-    x = counts_matrix(ad.AnnData(counts, var=var))  # CSR float32 (shared with counts when it already is one)
-    totals = np.asarray(x.sum(axis=1)).ravel()
-    if (totals <= 0).any():
-        logger.warning("%d of %d spots have zero counts; they are kept and their log-normalised expression is zero.",
-                       int((totals <= 0).sum()), totals.size)
-    idx = var.index.get_indexer(genes)
-    chunk = _CHUNK
+    # the counts are shared, not copied, when they already are CSR float32; zero-count spots are kept (and warned of)
+    log = LogExpression(ad.AnnData(counts, var=var), genes)
 
-    def dense(a: int, b: int) -> np.ndarray:
-        return np.asarray(log_normalize(x[a:b][:, idx], totals[a:b]).toarray(), dtype=np.float32)
+    def dense(block: sp.csr_matrix) -> np.ndarray:
+        return np.asarray(block.toarray(), dtype=np.float32)
 
     means = None
     if center and lib is not None:  # exact per-group means over all spots, accumulated chunk by chunk
         codes, uniq = pd.factorize(pd.Series(groups))
         sums = np.zeros((uniq.size, len(genes)), dtype=np.float64)
-        for a in range(0, x.shape[0], chunk):
-            c = codes[a:a + chunk]
-            sums += sp.csr_matrix((np.ones(c.size), (c, np.arange(c.size))), shape=(uniq.size, c.size)) @ dense(
-                a, a + chunk)
+        for a, block in log.chunks(_CHUNK):
+            c = codes[a:a + block.shape[0]]
+            sums += sp.csr_matrix((np.ones(c.size), (c, np.arange(c.size))), shape=(uniq.size, c.size)) @ dense(block)
         means = (sums / np.bincount(codes, minlength=uniq.size)[:, None]).astype(np.float32)
-    fit = np.asarray(log_normalize(x[rows][:, idx], totals[rows]).toarray(), dtype=np.float32)
+    fit = dense(log.rows(rows))
     if means is not None:
         fit -= means[codes[rows]]
     n = min(n_pcs, fit.shape[1], fit.shape[0] - 1)
     pca = PCA(n, svd_solver="covariance_eigh" if fit.shape[1] <= 5000 else "randomized", random_state=seed).fit(fit)
     del fit
-    out = np.empty((x.shape[0], n), dtype=np.float32)
-    for a in range(0, x.shape[0], chunk):
-        block = dense(a, a + chunk)
+    out = np.empty((log.n_obs, n), dtype=np.float32)
+    for a, block in log.chunks(_CHUNK):
+        z = dense(block)
         if means is not None:
-            block -= means[codes[a:a + chunk]]
-        out[a:a + chunk] = pca.transform(block)
+            z -= means[codes[a:a + z.shape[0]]]
+        out[a:a + z.shape[0]] = pca.transform(z)
     return out
 
 
