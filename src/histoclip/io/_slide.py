@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_SPOT_DIAMETER_UM = Key.SPOT_DIAMETER_UM["visium"]
 _SPOT_VALUES = "65 for Space Ranger output (Visium), 100 for legacy ST"
 _SPOT_FIX = f"Pass the spot diameter in microns: {_SPOT_VALUES}."
+_FULLRES_FIX = ("It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
+                "spatial/scalefactors_json.json.")
 
 
 @dataclass
@@ -348,8 +350,7 @@ def _fullres_scale(scalefactors: dict, meta: dict, spot_diameter_um: float | Non
         fullres = scalefactors.get("spot_diameter_fullres")
         if fullres is not None:
             positive_number(fullres, f"{where}['scalefactors']['spot_diameter_fullres']",
-                            "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
-                            "spatial/scalefactors_json.json.")
+                            _FULLRES_FIX)
         p = infer_platform(xy, scalefactors, meta, array)
         _log_platform(lib, p.how, p.guess)
         return p.um_per_unit, p.name, p.spot_diameter_um
@@ -367,8 +368,7 @@ def _fullres_scale(scalefactors: dict, meta: dict, spot_diameter_um: float | Non
                                            _SPOT_FIX)
     fullres = positive_number(scalefactors["spot_diameter_fullres"],
                               f"{where}['scalefactors']['spot_diameter_fullres']",
-                              "It is the spot diameter in full-resolution pixels: copy it from Space Ranger's "
-                              "spatial/scalefactors_json.json.")
+                              _FULLRES_FIX)
     platform = _given_platform(spot_diameter_um)
     if xy is not None:
         platform = _check_spot_spacing(xy, spot_diameter_um / fullres, spot_diameter_um, fullres, lib) or platform
