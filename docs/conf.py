@@ -73,7 +73,8 @@ def _assemble() -> None:
                          ("domains_pooled.md", "domains.py --pooled"),
                          ("domains_sensitivity.md", "domains.py --seeds --ablation-seeds --sensitivity-seeds 0 1 2"),
                          ("speed.md", "speed.py"),
-                         ("compare_speed.md", "compare_speed.py"), ("her2st_morphology.md", "her2st_morphology.py")):
+                         ("compare_speed.md", "compare_speed.py"), ("her2st_morphology.md", "her2st_morphology.py"),
+                         ("image_probe.md", "image_probe.py")):
         if (results / name).is_file():
             _sync(results / name, out / name)
         else:
