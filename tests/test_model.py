@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -186,6 +187,35 @@ def test_default_patch_px_follows_the_image_resolution(toy, size_um):
     assert px == int(np.clip(8 * np.ceil(side / 8), 16, 32))
     assert model._sections[0].reader(0).shape == (px, px, 3)
     assert HistoCLIP(a, n_genes=20, patch_px=8).init_params["patch_px"] == 8  # an explicit value wins
+
+
+def test_log_says_at_which_resolution_the_image_branch_sees_the_tissue(toy, tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    a = toy.copy()
+    hc.pp.extract_patches(a, size_um=110)  # the 5 um/px hires image: 22 px boxes, fed at 24 px
+    with caplog.at_level(logging.INFO, logger="histoclip"):
+        HistoCLIP(a, n_genes=20)
+    assert re.search(r"sees 110 um patches from image 'hires' of library 'toy' \(5 um/px, 22 px\) at 24 px: "
+                     r"4\.58 um/px", caplog.text)
+    assert "resolves cells" not in caplog.text
+    # the same slide with a 1 um/px image: the 110 px boxes are shrunk to the CNN's 32 px, and the log says so
+    hires = toy.uns["spatial"]["toy"]["images"]["hires"]
+    Image.fromarray(hires).resize((hires.shape[1] * 5, hires.shape[0] * 5)).save(tmp_path / "full.png")
+    hc.io.set_fullres_image(a, tmp_path / "full.png")
+    hc.pp.extract_patches(a, size_um=110, img_key="fullres")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="histoclip"):
+        HistoCLIP(a, n_genes=20)
+    assert re.search(r"sees 110 um patches from image 'fullres' .*\(1 um/px, 110 px\) at 32 px: 3\.44 um/px",
+                     caplog.text)
+    assert re.search(r"resolves cells \(1 um/px\).*image_features_key=", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="histoclip"):
+        HistoCLIP(a, n_genes=20, use_image=False)  # no image branch: nothing to say about its resolution
+    assert "image branch sees" not in caplog.text
 
 
 def test_progress_bar_without_ipywidgets_is_the_text_bar(monkeypatch):

@@ -86,6 +86,11 @@ def _has_image(data, library_id: str | None = None) -> bool:
     return True
 
 
+# Finer than this (microns per pixel) an H&E image resolves nuclei: a 20x scan is ~0.5, a 10x ~1, Visium's hires
+# image ~3.5 (HER2ST: 0.69 full resolution, 3.4 in the 2000 px image)
+CELL_RESOLVING_UM_PER_PX = 2.0
+
+
 def _as_list(data) -> list:
     if isinstance(data, list | tuple):
         if not data:
@@ -100,6 +105,33 @@ def _auto_patch_px(sections: list) -> int:
     sides = np.concatenate([np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for b in boxes])
     side = float(np.median(sides)) if sides.size else 32.0
     return int(np.clip(8 * np.ceil(side / 8), 16, 32))
+
+
+def _log_patch_resolution(sections: list, patch_px: int) -> None:
+    """Log at which resolution the image branch sees the tissue.
+
+    The patch in microns, its side in the image's own pixels, and what ``patch_px`` pixels make of it; where the image
+    resolves cells and the patches do not, how to use it at full resolution.
+    """
+    seen: set[tuple] = set()
+    for sec in sections:
+        boxes = sec.reader.boxes
+        for sl in sec.spots.slides:
+            b = boxes[sl.index]
+            side = float(np.median(np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]))) if len(b) else 0.0
+            key = (sl.img_key, round(sl.um_per_px, 3), round(side))
+            if side <= 0 or key in seen:
+                continue
+            seen.add(key)
+            size_um, fed = side * sl.um_per_px, side * sl.um_per_px / patch_px
+            logger.info("HistoCLIP: the image branch sees %.0f um patches from image %r of library %r (%.3g um/px, "
+                        "%d px) at %d px: %.3g um/px.", size_um, sl.img_key, sl.library_id, sl.um_per_px, side,
+                        patch_px, fed)
+            if sl.um_per_px <= CELL_RESOLVING_UM_PER_PX < fed:
+                logger.info("HistoCLIP: the image resolves cells (%.3g um/px) and the small CNN sees tissue texture "
+                            "(%.3g um/px); frozen features of the full-resolution patch are one call away "
+                            "(histoclip.tl.image_features, then image_features_key=; see the image encoders page).",
+                            sl.um_per_px, fed)
 
 
 def _input_covariance(logs: list[LogExpression], mean: np.ndarray, std: np.ndarray, *, block: int = 8192,
@@ -402,6 +434,8 @@ class HistoCLIP:
         if self.init_params["patch_px"] is None:
             px = self.init_params["patch_px"] = _auto_patch_px(sections)
             sections = [replace(s, reader=PatchReader(s.spots, s.reader.boxes, px)) for s in sections]
+        if image_features_key is None and use_image:
+            _log_patch_resolution(sections, int(self.init_params["patch_px"]))
         tables = [s.spots.adata for s in sections]
         if genes is None:
             genes = self._pick_genes(sections, n_genes, layer)
