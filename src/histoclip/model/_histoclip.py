@@ -99,10 +99,14 @@ def _as_list(data) -> list:
     return [data]
 
 
+def _box_sides(boxes: np.ndarray) -> np.ndarray:
+    """Side in image pixels of each ``[x0, y0, x1, y1)`` patch box (the shorter one, should a box not be square)."""
+    return np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+
+
 def _auto_patch_px(sections: list) -> int:
     """Median patch side in image pixels, rounded up to a multiple of 8, clipped to [16, 32]."""
-    boxes = [s.reader.boxes for s in sections]
-    sides = np.concatenate([np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for b in boxes])
+    sides = np.concatenate([_box_sides(s.reader.boxes) for s in sections])
     side = float(np.median(sides)) if sides.size else 32.0
     return int(np.clip(8 * np.ceil(side / 8), 16, 32))
 
@@ -115,10 +119,9 @@ def _log_patch_resolution(sections: list, patch_px: int) -> None:
     """
     seen: set[tuple] = set()
     for sec in sections:
-        boxes = sec.reader.boxes
+        sides = _box_sides(sec.reader.boxes)
         for sl in sec.spots.slides:
-            b = boxes[sl.index]
-            side = float(np.median(np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]))) if len(b) else 0.0
+            side = float(np.median(sides[sl.index])) if len(sl.index) else 0.0
             key = (sl.img_key, round(sl.um_per_px, 3), round(side))
             if side <= 0 or key in seen:
                 continue
