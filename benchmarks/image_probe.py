@@ -42,15 +42,15 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
+from prediction import BACKBONE, block
 from sklearn.decomposition import PCA
 from sklearn.linear_model import RidgeCV
 
 import histoclip as hc
+from histoclip.pp._genes import expression_matrix
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "her2st"
-CACHE = HERE / "cache"
 RESULTS = HERE / "results"
 C_SECTIONS = [f"C{i}" for i in range(2, 7)]
 FOLDS = (("C2-C6 -> B4", C_SECTIONS, ["B4"]), ("B4 -> C2-C6", ["B4"], C_SECTIONS))
@@ -71,40 +71,23 @@ def load(section: str, branch: str) -> ad.AnnData:
         hc.pp.extract_patches(a)
     elif branch == "cnn, full-res":
         hc.pp.extract_patches(a, img_key="fullres")
-    else:
-        a.obsm[FEAT] = frozen(a, section)
+    else:  # prediction.py's features and cache: Macenko, 100 um, EfficientNet-Lite0, tta=False
+        a.obs["section"] = lib
+        a.obsm[FEAT] = block(a, "fullres", "macenko", BACKBONE, 100)
     return a
-
-
-def frozen(a: ad.AnnData, section: str) -> np.ndarray:
-    path = CACHE / f"{section}_fullres_macenko_efficientnet-lite0_100um_n{a.n_obs}.npy"  # prediction.py's cache
-    if path.is_file():
-        return np.load(path)
-    b = a[:, :0].copy()
-    hc.tl.image_features(b, img_key="fullres", sizes_um=[100], tta=False, stain_norm="macenko", key_added=FEAT,
-                         accelerator="cpu")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path, b.obsm[FEAT])
-    return b.obsm[FEAT]
 
 
 def train_kwargs(branch: str) -> dict:
     return {"image_features_key": FEAT} if branch == "frozen features" else {}
 
 
-def log_cp10k(a: ad.AnnData, genes: list[str]) -> np.ndarray:
-    x = a[:, genes].X
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    total = np.asarray(a.X.sum(axis=1)).ravel()[:, None]
-    return np.log1p(x / np.maximum(total, 1) * 1e4)
-
-
 def targets(train: list[ad.AnnData], test: list[ad.AnnData]) -> tuple[np.ndarray, list[np.ndarray]]:
     genes = sorted(set.intersection(*[set(a.var_names) for a in train + test]))
-    xtr = np.vstack([log_cp10k(a, genes) for a in train])
+    xtr, xte = ([expression_matrix(a, genes).astype(np.float64) for a in part] for part in (train, test))
+    xtr = np.vstack(xtr)
     top = np.argsort(xtr.var(axis=0))[::-1][:N_HVG]
     pca = PCA(N_PCS, random_state=0).fit(xtr[:, top])
-    return pca.transform(xtr[:, top]), [pca.transform(log_cp10k(a, genes)[:, top]) for a in test]
+    return pca.transform(xtr[:, top]), [pca.transform(x[:, top]) for x in xte]
 
 
 def zscore(r: np.ndarray) -> np.ndarray:
@@ -123,10 +106,12 @@ def probe(rtr: list[np.ndarray], ytr: np.ndarray, rte: list[np.ndarray], yte: li
 
 def run_probe(seeds: list[int], rows: list[dict]) -> None:
     for fold, train_secs, test_secs in FOLDS:
+        ytr = yte = None
         for branch in BRANCHES:
             train = [load(s, branch) for s in train_secs]
             test = [load(s, branch) for s in test_secs]
-            ytr, yte = targets(train, test)
+            if ytr is None:  # the expression targets of the fold, the same for every branch
+                ytr, yte = targets(train, test)
             if branch == "frozen features":
                 ftr, fte = [a.obsm[FEAT] for a in train], [a.obsm[FEAT] for a in test]
                 rows.append({"fold": fold, "representation": "frozen features (1752)", "seed": None,
@@ -144,7 +129,7 @@ def run_probe(seeds: list[int], rows: list[dict]) -> None:
                 rows.append({"fold": fold, "representation": f"image latent, {branch}", "seed": seed,
                              "r": probe([a.obsm["X_histoclip_image"] for a in train], ytr,
                                         [a.obsm["X_histoclip_image"] for a in test], yte),
-                             "train_s": round(wall, 1)})
+                             "train_s": round(wall, 1), "loadavg_1min": round(os.getloadavg()[0], 2)})
                 print(json.dumps(rows[-1]), flush=True)
 
 
