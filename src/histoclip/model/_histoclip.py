@@ -18,7 +18,7 @@ from .._utils import RNGLike, resolve_seed
 from ..data import PatchDataset, PatchReader
 from ..io._slide import SpotData, check_counts_table, resolve
 from ..module import HistoclipModule
-from ..pp._genes import FIT_SAMPLE, LogExpression, fit_rows, pareto_weights, select_genes
+from ..pp._genes import FIT_SAMPLE, LogExpression, fit_rows, select_genes
 from ..pp._graph import (
     gaussian_graph,
     knn_graph,
@@ -182,19 +182,17 @@ def _expression_basis(cov: np.ndarray, n_components: int) -> np.ndarray:
 
 
 def _skip_basis(cov: np.ndarray, gene_std: np.ndarray, k: int) -> np.ndarray:
-    """Axes that project *standardised* inputs on the principal components of the Pareto-scaled log expression.
+    """Axes that project *standardised* inputs on the principal components of the log expression itself.
 
-    The log expression, centred and Pareto-scaled (each gene divided by the square root of its sd:
-    :func:`~histoclip.pp._genes.pareto_weights`), is ``u * r`` for standardised inputs ``u``, with
-    ``r = std / sqrt(std)``; its covariance is ``R C R`` (``R = diag(r)``) and its principal components are
-    ``(u * r) @ V = u @ (R V)``: the representation :func:`histoclip.tl.domains` clusters without a model, computed
-    from the model's own inputs.
+    The log expression (centred, not scaled per gene) is ``u * std`` for standardised inputs ``u``; its covariance is
+    ``S C S`` (``S = diag(std)``) and its principal components are ``(u * std) @ V = u @ (S V)``: the representation
+    :func:`histoclip.tl.domains` clusters without a model, computed from the model's own inputs.
     """
     if k <= 0:
         return np.zeros((cov.shape[0], 0), dtype=np.float32)
-    r = gene_std.astype(np.float64) * pareto_weights(gene_std).astype(np.float64)
-    vecs, _ = _principal_axes(cov * r[:, None] * r[None, :], k)
-    return (vecs * r[:, None]).astype(np.float32)
+    std = gene_std.astype(np.float64)
+    vecs, _ = _principal_axes(cov * std[:, None] * std[None, :], k)
+    return (vecs * std[:, None]).astype(np.float32)
 
 
 def default_max_epochs(n_obs: int) -> int:
@@ -310,10 +308,9 @@ class HistoCLIP:
         without one gets an expression-only model (logged as a warning), whose joint embedding holds no image part and
         which writes no image weight.
     skip_components
-        Principal components of the (Pareto-scaled) log expression kept beside the learned embedding in the joint
-        embedding ``X_histoclip`` (an expression skip path, 0 turns it off): each spot's components averaged twice
-        over its neighbours within 150 um, exactly the representation :func:`histoclip.tl.domains` clusters without
-        a model.
+        Principal components of the log expression kept beside the learned embedding in the joint embedding
+        ``X_histoclip`` (an expression skip path, 0 turns it off): each spot's components averaged twice over its
+        neighbours within 150 um, exactly the representation :func:`histoclip.tl.domains` clusters without a model.
         Training only adds to it, so the joint embedding keeps its own expression input whatever the seed or the size
         of the slide. Both blocks are scaled to unit mean squared norm over the training spots.
     init_expression
@@ -918,7 +915,7 @@ class HistoCLIP:
         return res
 
     def _skip_representation(self, section: _Section, inputs: _Inputs) -> np.ndarray:
-        """The expression skip: principal components of the Pareto-scaled log expression, smoothed as in tl.domains.
+        """The expression skip: principal components of the log expression, smoothed like the model-free PCA.
 
         Averaged twice over each spot's neighbours within 150 um (with itself), as :func:`histoclip.tl.domains` does;
         more often where the neighbour cap keeps the graph inside 150 um (Visium HD bins: :func:`physical_hops`).

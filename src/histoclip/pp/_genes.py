@@ -206,17 +206,6 @@ class LogExpression:
         return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
-def pareto_weights(std: np.ndarray) -> np.ndarray:
-    """Per-gene weights ``1 / sqrt(sd)`` (``sd`` floored at 1e-3) that Pareto-scale the log expression.
-
-    Pareto scaling sits between no scaling, where a few highly expressed genes set the principal components, and
-    unit variance, where every gene counts the same however noisy: a gene's variance enters the PCA as its standard
-    deviation. It is what :func:`histoclip.tl.domains` applies before its model-free PCA and what the joint
-    embedding's expression skip applies (``benchmarks/domains_slides.py``; the docs' benchmarks page).
-    """
-    return (1.0 / np.sqrt(np.maximum(np.asarray(std, dtype=np.float64), 1e-3))).astype(np.float32)
-
-
 def expression_matrix(adata: AnnData, genes: Sequence[str], *, layer: str | None = None) -> np.ndarray:
     """Dense float32 log-normalised expression of ``genes`` (normalised by each spot's total over all genes).
 

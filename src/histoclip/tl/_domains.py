@@ -143,10 +143,8 @@ def expression_pca(
 ) -> np.ndarray:
     """PCA of the log-normalised expression of the ``n_genes`` genes with the highest Moran's I (no model needed).
 
-    Each gene is Pareto-scaled first (divided by the square root of its standard deviation:
-    :func:`~histoclip.pp._genes.pareto_weights`). ``counts`` (spots x genes) with spot centres ``coords`` and one
-    group (library) label per spot: the Moran's I graph stays within each group, and ``center`` subtracts each
-    group's mean expression before the PCA. The PCA is
+    ``counts`` (spots x genes) with spot centres ``coords`` and one group (library) label per spot: the Moran's I
+    graph stays within each group, and ``center`` subtracts each group's mean expression before the PCA. The PCA is
     exact (eigenvectors of the gene covariance), so the result does not depend on the seed. Above
     :data:`~histoclip.pp._genes.FIT_SAMPLE` spots (Visium HD bins) genes are ranked and the axes fitted on a sample
     of that many (drawn with ``seed``), then every spot is projected in chunks: no dense spots x genes matrix.
@@ -154,7 +152,7 @@ def expression_pca(
     import anndata as ad
     from sklearn.decomposition import PCA
 
-    from ..pp._genes import expression_matrix, pareto_weights, select_genes
+    from ..pp._genes import expression_matrix, select_genes
 
     groups = np.asarray(groups).astype(str)
     rows = fit_rows(counts.shape[0], seed)
@@ -171,7 +169,6 @@ def expression_pca(
     x = expression_matrix(tmp, genes)
     if center and lib is not None:
         x = center_by_group(x, groups)
-    x *= pareto_weights(x.std(axis=0))
     n = min(n_pcs, x.shape[1], x.shape[0] - 1)
     solver = "covariance_eigh" if x.shape[1] <= 5000 else "randomized"
     return PCA(n, svd_solver=solver, random_state=seed).fit_transform(x).astype(np.float32)
@@ -184,13 +181,12 @@ def _expression_pca_sampled(counts, var_names, coords, groups, rows, *, n_genes,
     """:func:`expression_pca` with genes ranked and principal axes fitted on ``rows``, then every spot projected.
 
     Each chunk of spots is log-normalised (by its totals over all genes), densified for the kept genes only, centred
-    (each group's mean over all its spots, with ``center``), Pareto-scaled (by the sample's gene sd) and projected;
-    memory is the sample's and one chunk's.
+    (each group's mean over all its spots, with ``center``) and projected; memory is the sample's and one chunk's.
     """
     import anndata as ad
     from sklearn.decomposition import PCA
 
-    from ..pp._genes import LogExpression, pareto_weights, select_genes
+    from ..pp._genes import LogExpression, select_genes
 
     logger.info("expression PCA: genes and axes fitted on a sample of %d of %d spots, then every spot projected.",
                 rows.size, counts.shape[0])
@@ -219,8 +215,6 @@ def _expression_pca_sampled(counts, var_names, coords, groups, rows, *, n_genes,
     fit = dense(log.rows(rows))
     if means is not None:
         fit -= means[codes[rows]]
-    weights = pareto_weights(fit.std(axis=0))
-    fit *= weights
     n = min(n_pcs, fit.shape[1], fit.shape[0] - 1)
     pca = PCA(n, svd_solver="covariance_eigh" if fit.shape[1] <= 5000 else "randomized", random_state=seed).fit(fit)
     del fit
@@ -229,7 +223,7 @@ def _expression_pca_sampled(counts, var_names, coords, groups, rows, *, n_genes,
         z = dense(block)
         if means is not None:
             z -= means[codes[a:a + z.shape[0]]]
-        out[a:a + z.shape[0]] = pca.transform(z * weights)
+        out[a:a + z.shape[0]] = pca.transform(z)
     return out
 
 
@@ -268,12 +262,11 @@ def domains(
 
     The representation, by default (``use_rep=None``): histoclip's joint embedding ``obsm["X_histoclip"]`` when
     :func:`histoclip.tl.embed` wrote one (on every section), else the model-free expression PCA: the PCA (``n_pcs``
-    components) of the log-normalised expression of the ``n_genes`` genes with the highest Moran's I, each gene
-    Pareto-scaled (divided by the square root of its standard deviation), which needs no model. The joint embedding
-    holds that same smoothed PCA beside what the model learned (its expression skip), so it keeps what the model-free
-    path sees (``benchmarks/domains_slides.py``; the docs' benchmarks page). Which one was used is logged and recorded
-    in ``uns["histoclip"]["params"]["domains"]["use_rep"]``; ``use_rep="expression_pca"`` asks for the model-free
-    path.
+    components) of the log-normalised expression of the ``n_genes`` genes with the highest Moran's I, which needs no
+    model. The joint embedding holds that same smoothed PCA beside what the model learned (its expression skip), so
+    it keeps what the model-free path sees (``benchmarks/domains.py``; the docs' benchmarks page). Which one was used
+    is logged and recorded in ``uns["histoclip"]["params"]["domains"]["use_rep"]``; ``use_rep="expression_pca"``
+    asks for the model-free path.
 
     Steps: the representation is averaged ``n_hops`` times over each spot's neighbours within ``radius_um`` microns
     (or its ``n_neighbors`` nearest spots; a sparse graph within each library), reduced to ``n_pcs`` principal
