@@ -43,8 +43,8 @@ import histoclip as hc
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-DEFAULT = ["151673", "151674", "grid151673", "grid151674", "HER2ST_B4", "HER2ST_C2", "HER2ST_C3", "HER2ST_C4", "HER2ST_C5",
-           "HER2ST_C6", "MOB1", "MOB2", "MOB3", "MOB4"]
+DEFAULT = ["151673", "151674", "grid151673", "grid151674", "HER2ST_B4", "HER2ST_C2", "HER2ST_C3", "HER2ST_C4",
+           "HER2ST_C5", "HER2ST_C6", "MOB1", "MOB2", "MOB3", "MOB4"]
 
 
 def dlpfc(section: str) -> ad.AnnData:
