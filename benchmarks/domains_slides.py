@@ -13,7 +13,10 @@ Slides (names; the data are in ../shared/data beside the repository):
   ``obs["cluster_label"]`` are the authors' expression clusters, not pathologist labels: the ARI against them is a
   description, seed-to-seed agreement is the measure;
 - ``MOB1`` ... ``MOB4``: legacy-ST mouse olfactory bulb sections (379-438 spots, no labels, 5 domains): seed-to-seed
-  agreement only.
+  agreement only;
+- ``q151673_0`` ... ``q151673_3``, ``q151674_0`` ... ``q151674_3`` (not run by default): the quadrants of each DLPFC
+  section, cut at the median x and y (about 900 spots each, Visium geometry), as many domains as layers with at least
+  20 spots in the quadrant (3-6): small Visium slides with real labels, the model retrained on each.
 
 Legacy-ST slides get ``metadata["spot_diameter_um"] = 100``. For each slide and seed, with package defaults and the
 number of domains set to the number of labels: ``tl.domains`` model-free (``use_rep="expression_pca"``); ``tl.train`` +
@@ -80,6 +83,16 @@ def legacy_grid(a: ad.AnnData, label: str = "layer", spacing_um: float = 200.0, 
     return out
 
 
+def quadrant(a: ad.AnnData, q: int, label: str = "layer") -> tuple[ad.AnnData, int]:
+    """Quadrant ``q`` (0-3) of a slide, cut at the median x and y, and its number of layers with >= 20 spots."""
+    xy = np.asarray(a.obsm["spatial"], float)
+    right, top = divmod(int(q), 2)
+    sel = ((xy[:, 0] > np.median(xy[:, 0])) == bool(right)) & ((xy[:, 1] > np.median(xy[:, 1])) == bool(top))
+    out = a[sel].copy()
+    counts = out.obs[label].value_counts()
+    return out, int((counts >= 20).sum())
+
+
 def legacy(path: Path) -> ad.AnnData:
     a = ad.read_h5ad(path)
     lib = next(iter(a.uns["spatial"]))
@@ -91,6 +104,10 @@ def load(name: str) -> tuple[ad.AnnData, str | None, int]:
     """A slide, its label column (None: unlabelled) and its number of domains."""
     if name in ("151673", "151674"):
         return dlpfc(name), "layer", 7
+    if name.startswith("q"):
+        section, q = name[1:].split("_")
+        a, k = quadrant(dlpfc(section), int(q))
+        return a, "layer", k
     if name.startswith("grid"):
         return legacy_grid(dlpfc(name[4:])), "layer", 7
     if name.startswith("HER2ST"):
