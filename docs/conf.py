@@ -70,6 +70,8 @@ def _assemble() -> None:
         _sync(png, out / png.name)
     for name, script in (("prediction.md", "prediction.py"), ("domains.md", "domains.py"),
                          ("domains_slides.md", "domains_slides.py"),
+                         ("domains_quadrants.md", "domains_slides.py q151673_0 q151673_1 q151673_2 q151673_3 "
+                          "q151674_0 q151674_1 q151674_2 q151674_3 --out benchmarks/results/domains_quadrants"),
                          ("domains_pooled.md", "domains.py --pooled"),
                          ("domains_sensitivity.md", "domains.py --seeds --ablation-seeds --sensitivity-seeds 0 1 2"),
                          ("speed.md", "speed.py"),
