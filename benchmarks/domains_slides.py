@@ -208,14 +208,16 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"loadavg_at_start": max(loads), "records": records}))
     summary = summarise(records)
+    peak_load = max([max(loads)[0]] + [r["loadavg_1min"] for r in records if "loadavg_1min" in r])
     print(summary.round(3).to_string())
     lines = ["# Domains on every slide: model-free path and joint embedding", "",
-             "Package defaults; as many domains as labels (5 on the unlabelled olfactory bulb sections). ARI against "
+             "Package defaults; as many domains as labels (on a DLPFC quadrant, layers with at least 20 spots there; 5 "
+             "on the unlabelled olfactory bulb sections). ARI against "
              "the labels, unlabelled spots ignored (HER2ST: the authors' expression clusters, a description only); "
              "seed-to-seed: mean ARI between the domains of every pair of seeds (the seed drives the training noise "
              "and the clustering; the starting weights are fixed, `init_seed=0`, unless a row says otherwise). Wall "
              "time: train + embed + domains (model-free: domains) per seed, one thread, on the "
-             f"2-core CPU shared with other jobs (1-min load up to {max(loads)[0]:.1f}). "
+             f"2-core CPU shared with other jobs (1-min load up to {peak_load:.1f}, at the start or any record). "
              "Produced by `benchmarks/domains_slides.py`.", "",
              "| slide | method | ARI mean | ARI sd | seed-to-seed | wall s | seeds |", "|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
