@@ -20,8 +20,10 @@ Slides (names; the data are in ../shared/data beside the repository):
 
 Legacy-ST slides get ``metadata["spot_diameter_um"] = 100``. For each slide and seed, with package defaults and the
 number of domains set to the number of labels: ``tl.domains`` model-free (``use_rep="expression_pca"``); ``tl.train`` +
-``tl.embed``; ``tl.domains`` after embed (the joint, the default); each latent alone; the scanpy workflow on the joint
-(neighbors + leiden at the resolution giving the number of domains). ``--init-seeds`` also trains with
+``tl.embed``; ``tl.domains`` after embed (the joint, the default); each latent alone; three other candidates for
+the default after embed (``_candidates.py``: the fused latent alone, ``[expression, fused]``, the joint with its skip
+at half weight); the scanpy workflow on the joint (neighbors + leiden at the resolution giving the number of
+domains). ``--init-seeds`` also trains with
 ``init_seed=None`` (the starting weights drawn from the seed too): the spread over starting weights. ``--no-image``
 runs the listed slides with their image removed (an expression-only model). Metric: adjusted Rand index against the
 labels (unlabelled spots ignored); seed-to-seed = mean ARI between the domains of every pair of seeds. Prints one
@@ -34,6 +36,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +46,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 import histoclip as hc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _candidates import add_candidates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -164,6 +170,10 @@ def run_slide(name: str, seeds: list[int], init_seeds: bool, no_image: bool, rec
                     t = time.perf_counter()
                     hc.tl.domains(b, n_domains=k, use_rep=rep, rng=seed)
                     rec(f"{rep} alone", seed, b.obs["histoclip_domain"], time.perf_counter() - t)
+            for key, description in add_candidates(b, model).items():
+                t = time.perf_counter()
+                hc.tl.domains(b, n_domains=k, use_rep=key, n_hops=0, rng=seed)
+                rec(f"candidate: {description}", seed, b.obs["histoclip_domain"], time.perf_counter() - t)
             t = time.perf_counter()
             hc.tl.domains(b, n_domains=k, use_rep="X_histoclip", method="leiden", radius_um=0, n_pcs=None, rng=seed)
             rec("scanpy workflow on the joint (neighbors + leiden)", seed, b.obs["histoclip_domain"],
