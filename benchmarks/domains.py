@@ -9,7 +9,10 @@ over every labelled spot of every slide) and each slide's share of them, beside 
 slides as they are and on three altered copies of the last slide: its counts rescaled per gene (log-normal factors,
 sd 0.5) and thinned to 60% (a section-wide technical shift), its white matter removed (a domain missing from one
 section), and both.
-Default slides: ../shared/data/dlpfc/DLPFC_151673.h5ad and DLPFC_151674.h5ad (relative to the repository).
+Default slides: ../shared/data/dlpfc/DLPFC_151673.h5ad and DLPFC_151674.h5ad (relative to the repository); any
+labelled h5ad in the scanpy/squidpy layout works, with or without an image (without one the model is expression-only).
+The main table also scores three other candidates for the default after tl.embed (benchmarks/_candidates.py: the fused
+latent alone, [expression, fused], the joint with its skip at half weight) beside the joint and each latent.
 Metric: adjusted Rand index (and NMI) of the domains against obs[label], spots without a label ignored, with the number
 of domains set to the number of labels. Every method runs in this process on the same slide with one set of defaults
 for every slide (nothing is tuned per slide). Prints one JSON record per slide, method and seed; writes
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +37,9 @@ import numpy as np
 import pandas as pd
 
 import histoclip as hc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _candidates import add_candidates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [ROOT.parent / "shared" / "data" / "dlpfc" / f"DLPFC_{s}.h5ad" for s in ("151673", "151674")]
@@ -63,8 +70,8 @@ def scanpy_workflow(adata: ad.AnnData, n_domains: int, seed: int) -> None:
 
 def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
     """What the model sees, scaled and concatenated, with no training: the expression projections of each spot and of
-    its neighbourhood (the model's own basis and graph) and its patch's colour statistics, each block scaled to unit
-    total variance."""
+    its neighbourhood (the model's own basis and graph) and its patch's colour statistics (none without an image), each
+    block scaled to unit total variance."""
     import torch
 
     from histoclip.data import PatchDataset
@@ -73,10 +80,10 @@ def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
     section, inputs = model._resolve_query(adata, "joint")
     own = inputs.expression  # each spot's projection on the model's expression basis
     nbr = np.asarray(section.graph @ own)
-    cols = []
-    for img, _, _ in torch.utils.data.DataLoader(PatchDataset(section.reader, None, None), batch_size=512):
-        cols.append(patch_colour_targets(img).numpy())
-    blocks = [own, nbr, np.concatenate(cols)]
+    blocks = [own, nbr]
+    if section.reader is not None:
+        loader = torch.utils.data.DataLoader(PatchDataset(section.reader, None, None), batch_size=512)
+        blocks.append(np.concatenate([patch_colour_targets(img).numpy() for img, _, _ in loader]))
     return np.concatenate([(b - b.mean(0)) / np.sqrt(((b - b.mean(0)) ** 2).sum(1).mean()) for b in blocks], axis=1)
 
 
@@ -191,7 +198,8 @@ def main() -> None:
         slide = Path(path).stem
         truth = adata.obs[args.label]
         k = args.n_domains or int(truth.dropna().nunique())
-        hc.pp.extract_patches(adata)
+        if any(entry.get("images") for entry in adata.uns.get("spatial", {}).values()):
+            hc.pp.extract_patches(adata)  # else tl.train builds an expression-only model (and logs it)
 
         def rec(table, method, seed, labels, seconds, truth=truth, slide=slide):
             s = hc.metrics.domain_scores(truth, labels)
@@ -228,13 +236,21 @@ def main() -> None:
                     continue
                 rec("main", "joint embedding X_histoclip (train + embed + domains)", seed,
                     a.obs["histoclip_domain"], t_model + t_dom)
-                records[-1]["image_weight_mean"] = round(float(a.obs["histoclip_image_weight"].mean()), 4)
+                if "histoclip_image_weight" in a.obs:  # absent for an expression-only model (no image)
+                    records[-1]["image_weight_mean"] = round(float(a.obs["histoclip_image_weight"].mean()), 4)
                 rec("ablation", "histoclip (all components)", seed, a.obs["histoclip_domain"], t_model + t_dom)
                 for rep, label in (("X_histoclip_expression", "expression latent alone"),
                                    ("X_histoclip_image", "image latent alone")):
+                    if rep not in a.obsm:  # no image latent without an image
+                        continue
                     t = time.perf_counter()
                     hc.tl.domains(a, n_domains=k, use_rep=rep, rng=seed)
                     rec("main", f"tl.domains on {rep} ({label})", seed, a.obs["histoclip_domain"],
+                        t_model + time.perf_counter() - t)
+                for key, description in add_candidates(a, model).items():
+                    t = time.perf_counter()
+                    hc.tl.domains(a, n_domains=k, use_rep=key, n_hops=0, rng=seed)
+                    rec("main", f"candidate default after embed: {description}", seed, a.obs["histoclip_domain"],
                         t_model + time.perf_counter() - t)
                 t = time.perf_counter()
                 hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", n_hops=2, rng=seed)
@@ -251,9 +267,9 @@ def main() -> None:
                     rec("main", f"untrained: the model's inputs scaled and concatenated, {how}", seed,
                         a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
-                hc.tl.domains(a, n_domains=k, rng=seed)
-                rec("main", "tl.domains default: model-free Moran-gene expression PCA (no model)", seed,
-                    a.obs["histoclip_domain"], time.perf_counter() - t)
+                hc.tl.domains(a, n_domains=k, use_rep="expression_pca", rng=seed)  # after embed: not the default
+                rec("main", "model-free: Moran-gene expression PCA (use_rep='expression_pca'; the default without a "
+                    "model)", seed, a.obs["histoclip_domain"], time.perf_counter() - t)
                 t = time.perf_counter()
                 hc.tl.domains(a, n_domains=k, use_rep="expression_pca", n_hops=2, n_neighbors=6, rng=seed)
                 rec("main", "model-free, earlier grid smoothing: 2 hops of 6-NN", seed, a.obs["histoclip_domain"],
@@ -261,6 +277,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"loadavg_at_start": load, "records": records}, indent=1))
+    # the busiest minute of the run: the start or any record (a run beside another one loads both cores)
+    peak_load = max([load[0]] + [r["loadavg_1min"] for r in records if "loadavg_1min" in r])
     df = pd.DataFrame(records)
     lines = ["# Spatial domains on DLPFC", "",
              f"ARI and NMI against `obs['{args.label}']` (unlabelled spots ignored), as many domains as labels; mean "
@@ -270,14 +288,14 @@ def main() -> None:
              + "). Every row uses the package defaults except a setting it names (30 epochs for a Visium slide, "
              "16 px patches of the lowres image, GMM with tied covariance, 50 restarts); wall time = train + embed + "
              "domains per slide and seed on the 2-core CPU, "
-             f"shared with other jobs (1-min load average {load[0]:.1f} at the start; per-record loads in the JSON). "
+             f"shared with other jobs (1-min load up to {peak_load:.1f}, at the start or any record). "
              "Produced by `benchmarks/domains.py`.", ""]
     if args.pooled:
         lines[0] = "# Spatial domains on several DLPFC sections clustered together"
         lines[2] = (f"Pooled ARI: one ARI over every labelled spot of every slide against `obs['{args.label}']`, with "
                     "as many domains as labels; per-slide ARI of the same labels beside it. Mean and sd over seeds "
                     f"(model-free: {args.seeds}; model rows: {args.model_seeds}). Package defaults throughout; "
-                    f"1-min load average {load[0]:.1f} at the start. Produced by `benchmarks/domains.py --pooled`.")
+                    f"1-min load up to {peak_load:.1f}. Produced by `benchmarks/domains.py --pooled`.")
         # slides clustered alone have labels of their own: a pooled ARI over them would compare unmatched labels
         df.loc[df["method"].str.endswith("alone"), ["ari", "nmi"]] = np.nan
         per = [c for c in df.columns if c.startswith("ari_")]
