@@ -14,9 +14,10 @@ labelled h5ad in the scanpy/squidpy layout works, with or without an image (with
 The main table also scores three other candidates for the default after tl.embed (benchmarks/_candidates.py: the fused
 latent alone, [expression, fused], the joint with its skip at half weight) beside the joint and each latent.
 Metric: adjusted Rand index (and NMI) of the domains against obs[label], spots without a label ignored, with the number
-of domains set to the number of labels. Every method runs in this process on the same slide with one set of defaults
-for every slide (nothing is tuned per slide). Prints one JSON record per slide, method and seed; writes
-<out>.json and <out>.md (mean and sd over seeds, main table and ablation table). --sensitivity-seeds adds a table with
+of domains set to the number of labels; seed-to-seed: mean ARI between the domains of every pair of seeds. Every
+method runs in this process on the same slide with one set of defaults for every slide (nothing is tuned per slide).
+Prints one JSON record per slide, method and seed; writes <out>.json (with every spot's domain) and <out>.md (mean and
+sd over seeds, seed-to-seed, main table and ablation table). --sensitivity-seeds adds a table with
 one model default changed at a time (the joint, clustered as in the main table, and the scanpy workflow on it); with
 --seeds and --ablation-seeds empty it runs alone:
        python benchmarks/domains.py --seeds --ablation-seeds --sensitivity-seeds 0 1 2 --out .../domains_sensitivity
@@ -26,6 +27,7 @@ one model default changed at a time (the joint, clustered as in the main table, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -85,6 +87,14 @@ def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
         loader = torch.utils.data.DataLoader(PatchDataset(section.reader, None, None), batch_size=512)
         blocks.append(np.concatenate([patch_colour_targets(img).numpy() for img, _, _ in loader]))
     return np.concatenate([(b - b.mean(0)) / np.sqrt(((b - b.mean(0)) ** 2).sum(1).mean()) for b in blocks], axis=1)
+
+
+def seed_to_seed(group: pd.DataFrame) -> float:
+    """Mean ARI between the domains of every pair of seeds in ``group`` (NaN for one seed or records without labels)."""
+    if "labels" not in group or group["labels"].isna().any() or len(group) < 2:
+        return float("nan")
+    labels = [pd.Series(v.split(",")) for v in group["labels"]]
+    return float(np.mean([hc.metrics.adjusted_rand(x, y) for x, y in itertools.combinations(labels, 2)]))
 
 
 def shifted(adata: ad.AnnData, seed: int = 0) -> ad.AnnData:
@@ -205,8 +215,9 @@ def main() -> None:
             s = hc.metrics.domain_scores(truth, labels)
             r = {"table": table, "slide": slide, "method": method, "seed": seed, "ari": s["ari"], "nmi": s["nmi"],
                  "wall_s": round(seconds, 2), "loadavg_1min": round(os.getloadavg()[0], 2)}
-            records.append(r)
             print(json.dumps(r), flush=True)
+            r["labels"] = ",".join(map(str, labels))  # every spot's domain: the seed-to-seed agreement
+            records.append(r)
 
         for seed in sorted(set(args.seeds) | set(args.ablation_seeds) | set(args.sensitivity_seeds)):
             runs = [("main", "histoclip (defaults)", {})] if seed in args.seeds else []
@@ -289,7 +300,8 @@ def main() -> None:
              "16 px patches of the lowres image, GMM with tied covariance, 50 restarts); wall time = train + embed + "
              "domains per slide and seed on the 2-core CPU, "
              f"shared with other jobs (1-min load up to {peak_load:.1f}, at the start or any record). "
-             "Produced by `benchmarks/domains.py`.", ""]
+             "Seed-to-seed: mean ARI between the domains of every pair of seeds. Produced by `benchmarks/domains.py`.",
+             ""]
     if args.pooled:
         lines[0] = "# Spatial domains on several DLPFC sections clustered together"
         lines[2] = (f"Pooled ARI: one ARI over every labelled spot of every slide against `obs['{args.label}']`, with "
@@ -316,11 +328,13 @@ def main() -> None:
         summary = sub.groupby(["method", "slide"], sort=False).agg(
             ari_mean=("ari", "mean"), ari_sd=("ari", "std"), nmi_mean=("nmi", "mean"), wall_s=("wall_s", "mean"),
             n=("seed", "count"))
-        lines += [f"## {table}", "", "| method | slide | ARI mean | ARI sd | NMI mean | wall s | seeds |",
-                  "|---|---|---|---|---|---|---|"]
+        summary["seed_to_seed"] = [seed_to_seed(g) for _, g in sub.groupby(["method", "slide"], sort=False)]
+        lines += [f"## {table}", "",
+                  "| method | slide | ARI mean | ARI sd | NMI mean | seed-to-seed | wall s | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
         for (method, slide), row in summary.iterrows():
             lines.append(f"| {method} | {slide} | {row.ari_mean:.3f} | {row.ari_sd:.3f} | {row.nmi_mean:.3f} | "
-                         f"{row.wall_s:.1f} | {int(row.n)} |")
+                         f"{row.seed_to_seed:.2f} | {row.wall_s:.1f} | {int(row.n)} |".replace("nan", "-"))
         lines.append("")
         print(summary.round(3).to_string())
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
