@@ -17,16 +17,23 @@ neighbourhood).
 
 Usage from a benchmark (run from the repository root, or with ``benchmarks/`` on ``sys.path``)::
 
-    from _candidates import add_candidates
+    from _candidates import candidate_domains, seed_to_seed
 
-    for key, description in add_candidates(adata, model).items():
-        hc.tl.domains(adata, n_domains=k, use_rep=key, n_hops=0, rng=seed)
+    for description, labels, seconds in candidate_domains(adata, model, n_domains=k, seed=seed):
+        ...
+
+``seed_to_seed`` is the agreement between seeds the benchmarks report beside each ARI.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 import histoclip as hc
 
@@ -60,3 +67,22 @@ def add_candidates(adata: ad.AnnData, model: hc.HistoCLIP) -> dict[str, str]:
         adata.obsm[key] = value.astype(np.float32)
         out[key] = description
     return out
+
+
+def candidate_domains(adata: ad.AnnData, model: hc.HistoCLIP, *, n_domains: int,
+                      seed: int) -> Iterator[tuple[str, pd.Series, float]]:
+    """Cluster each candidate of :func:`add_candidates` as the joint is clustered (no further smoothing).
+
+    Yields ``(description, domains, seconds)`` per candidate; ``domains`` is a copy of ``obs["histoclip_domain"]``,
+    which each clustering overwrites.
+    """
+    for key, description in add_candidates(adata, model).items():
+        t = time.perf_counter()
+        hc.tl.domains(adata, n_domains=n_domains, use_rep=key, n_hops=0, rng=seed)
+        yield description, adata.obs["histoclip_domain"].copy(), time.perf_counter() - t
+
+
+def seed_to_seed(labelings: Sequence[Sequence]) -> float:
+    """Mean ARI between the domains of every pair of seeds (NaN with fewer than two)."""
+    pairs = [hc.metrics.adjusted_rand(pd.Series(x), pd.Series(y)) for x, y in itertools.combinations(labelings, 2)]
+    return float(np.mean(pairs)) if pairs else float("nan")

@@ -27,7 +27,6 @@ one model default changed at a time (the joint, clustered as in the main table, 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ import pandas as pd
 import histoclip as hc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _candidates import add_candidates  # noqa: E402
+from _candidates import candidate_domains, seed_to_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [ROOT.parent / "shared" / "data" / "dlpfc" / f"DLPFC_{s}.h5ad" for s in ("151673", "151674")]
@@ -89,12 +88,11 @@ def untrained_inputs(adata: ad.AnnData, model: hc.HistoCLIP) -> np.ndarray:
     return np.concatenate([(b - b.mean(0)) / np.sqrt(((b - b.mean(0)) ** 2).sum(1).mean()) for b in blocks], axis=1)
 
 
-def seed_to_seed(group: pd.DataFrame) -> float:
-    """Mean ARI between the domains of every pair of seeds in ``group`` (NaN for one seed or records without labels)."""
-    if "labels" not in group or group["labels"].isna().any() or len(group) < 2:
+def group_seed_to_seed(group: pd.DataFrame) -> float:
+    """Seed-to-seed agreement of one row's records (NaN for records of earlier runs, which kept no domains)."""
+    if "labels" not in group or group["labels"].isna().any():
         return float("nan")
-    labels = [pd.Series(v.split(",")) for v in group["labels"]]
-    return float(np.mean([hc.metrics.adjusted_rand(x, y) for x, y in itertools.combinations(labels, 2)]))
+    return seed_to_seed([v.split(",") for v in group["labels"]])
 
 
 def shifted(adata: ad.AnnData, seed: int = 0) -> ad.AnnData:
@@ -258,11 +256,8 @@ def main() -> None:
                     hc.tl.domains(a, n_domains=k, use_rep=rep, rng=seed)
                     rec("main", f"tl.domains on {rep} ({label})", seed, a.obs["histoclip_domain"],
                         t_model + time.perf_counter() - t)
-                for key, description in add_candidates(a, model).items():
-                    t = time.perf_counter()
-                    hc.tl.domains(a, n_domains=k, use_rep=key, n_hops=0, rng=seed)
-                    rec("main", f"candidate default after embed: {description}", seed, a.obs["histoclip_domain"],
-                        t_model + time.perf_counter() - t)
+                for description, labels, seconds in candidate_domains(a, model, n_domains=k, seed=seed):
+                    rec("main", f"candidate default after embed: {description}", seed, labels, t_model + seconds)
                 t = time.perf_counter()
                 hc.tl.domains(a, n_domains=k, use_rep="X_histoclip", n_hops=2, rng=seed)
                 rec("main", "joint X_histoclip smoothed again (2 hops within 150 um, as before n_hops=None)", seed,
@@ -328,7 +323,7 @@ def main() -> None:
         summary = sub.groupby(["method", "slide"], sort=False).agg(
             ari_mean=("ari", "mean"), ari_sd=("ari", "std"), nmi_mean=("nmi", "mean"), wall_s=("wall_s", "mean"),
             n=("seed", "count"))
-        summary["seed_to_seed"] = [seed_to_seed(g) for _, g in sub.groupby(["method", "slide"], sort=False)]
+        summary["seed_to_seed"] = [group_seed_to_seed(g) for _, g in sub.groupby(["method", "slide"], sort=False)]
         lines += [f"## {table}", "",
                   "| method | slide | ARI mean | ARI sd | NMI mean | seed-to-seed | wall s | seeds |",
                   "|---|---|---|---|---|---|---|---|"]
